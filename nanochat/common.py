@@ -1,0 +1,147 @@
+"""
+Small shared utilities: user-facing errors, printing on rank 0, the base directory,
+device autodetection, torchrun (distributed) setup, a no-op wandb, and peak FLOPs for MFU.
+"""
+
+import os
+import sys
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A mistake in the user's input (a flag, a file). Entry points turn it into one line
+    on stderr and a non-zero exit, never a traceback."""
+
+
+def die(message, prog=None):
+    """Print one line naming what is wrong and exit with status 2."""
+    prog = prog or os.path.basename(sys.argv[0]).removesuffix(".py")
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run_main(main):
+    """Run an entry point, turning UserError into a one-line error and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only (every process prints when not under torchrun)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def get_base_dir():
+    """Where data, tokenizers and runs live: $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def git_commit():
+    """The commit of the code that is running (with '-dirty' when there are local edits)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def check_device_type(device_type):
+    """Validate a --device-type value ('' = autodetect) and return the device type to use."""
+    if device_type == "":
+        return autodetect_device_type()
+    if device_type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device-type {device_type!r} is not one of cpu, cuda, mps (or empty to autodetect)")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device-type cuda was given but CUDA is not available on this machine")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device-type mps was given but MPS is not available on this machine")
+    return device_type
+
+
+def is_ddp():
+    return int(os.environ.get("RANK", -1)) != -1
+
+
+def get_dist_info():
+    """(is_ddp, rank, local_rank, world_size) from the torchrun environment."""
+    if is_ddp():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type):
+    """Seed, set matmul precision and, under torchrun, join the process group:
+    NCCL on CUDA, gloo on CPU. Returns (ddp, rank, local_rank, world_size, device)."""
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif ddp:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")
+    else:
+        device = torch.device(device_type)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DummyWandb:
+    """Stands in for a wandb run when logging is off (--run dummy)."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def get_peak_flops(device_type, dtype=torch.bfloat16):
+    """Peak dense matmul FLOP/s of one accelerator, for MFU. None when unknown (CPU, MPS,
+    unlisted GPUs): MFU is then reported as n/a rather than made up."""
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name().lower()
+    # Dense (not 2:4 sparse) bf16 tensor-core peaks from the vendors' datasheets.
+    table = [
+        ("gb200", 2.5e15), ("b200", 2.25e15), ("h200", 989e12), ("h100", 989e12),
+        ("h800", 989e12), ("a100", 312e12), ("a800", 312e12), ("l40s", 362e12),
+        ("a10g", 125e12), ("4090", 165e12), ("3090", 71e12),
+    ]
+    for key, flops in table:
+        if key in name:
+            if key in ("h100",) and "pcie" in name:
+                return 756e12
+            return flops
+    return None

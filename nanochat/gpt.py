@@ -1,0 +1,269 @@
+"""
+The GPT, nanochat style:
+- rotary position embeddings (no learned positions), QK-norm, group-query attention ready
+- relu^2 MLP, untied embedding and lm_head, logit softcap, no biases
+- RMSNorm without learnable parameters (functional)
+- optional Mixture-of-Experts in place of the MLP (use_moe; every moe_freq-th layer)
+"""
+
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.moe import MoE
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6       # query heads
+    n_kv_head: int = 6    # key/value heads (GQA when < n_head)
+    n_embd: int = 768
+    # MoE (contract): every moe_freq-th layer (1 = all) swaps its MLP for top-k of n_experts,
+    # each of hidden width expert_hidden_mult * n_embd. The dense MLP is 4 * n_embd wide, so
+    # expert_topk * expert_hidden_mult == 4 is iso-FLOPs with the dense model (+ the router).
+    use_moe: bool = False
+    n_experts: int = 8
+    expert_topk: int = 2
+    moe_freq: int = 1
+    expert_hidden_mult: float = 4
+
+    def to_dict(self):
+        return asdict(self)
+
+    def is_moe_layer(self, layer_idx):
+        # moe_freq=2 -> layers 1, 3, 5, ... are MoE (every other FFN, as in GShard/Switch).
+        return self.use_moe and (layer_idx + 1) % self.moe_freq == 0
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x, cos, sin):
+    # x: (B, T, H, D); rotate the two halves of the head dimension as complex pairs.
+    d = x.shape[3] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=3)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        d = config.n_embd
+        self.c_q = nn.Linear(d, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, cos_sin):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)  # QK-norm: keeps attention logits bounded without a softcap
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = MoE(config) if self.is_moe else MLP(config)
+
+    def forward(self, x, cos_sin):
+        x = x + self.attn(norm(x), cos_sin)
+        if self.is_moe:
+            y, balance_loss = self.mlp(norm(x))
+            return x + y, balance_loss
+        return x + self.mlp(norm(x)), None
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables for 10x the training length, so generation can run past it.
+        self.rotary_seq_len = config.sequence_len * 10
+        head_dim = config.n_embd // config.n_head
+        cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """nanochat's init: unit-normal embeddings, a tiny lm_head, uniform input projections
+        with the std of a unit-variance fan-in init, and zero output projections so every
+        block starts as the identity. Experts start like the dense MLP; the router at zero
+        (uniform routing at init)."""
+        self.apply(self._init_linear)
+        torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        s = 3**0.5 * self.config.n_embd**-0.5  # uniform(-s, s) has std n_embd^-0.5
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                torch.nn.init.uniform_(lin.weight, -s, s)
+            torch.nn.init.zeros_(block.attn.c_proj.weight)
+            if block.is_moe:
+                torch.nn.init.uniform_(block.mlp.w_fc, -s, s)
+                torch.nn.init.zeros_(block.mlp.w_proj)
+                torch.nn.init.zeros_(block.mlp.router.weight)
+            else:
+                torch.nn.init.uniform_(block.mlp.c_fc.weight, -s, s)
+                torch.nn.init.zeros_(block.mlp.c_proj.weight)
+        head_dim = self.config.n_embd // self.config.n_head
+        cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    @staticmethod
+    def _init_linear(module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
+
+    @staticmethod
+    def _precompute_rotary(seq_len, head_dim, base=10000, device=None):
+        channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (base ** (channel / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
+
+    # ------------------------------------------------------------------ accounting
+
+    def num_scaling_params(self):
+        """Parameter counts (contract): total, moe_inactive (the experts a token does not use:
+        per MoE layer (n_experts - expert_topk) x one expert) and active_total, plus parts."""
+        cfg = self.config
+        counts = {"wte": self.transformer.wte.weight.numel(), "lm_head": self.lm_head.weight.numel(),
+                  "attn": 0, "mlp": 0, "experts": 0, "router": 0, "moe_inactive": 0}
+        for block in self.transformer.h:
+            counts["attn"] += sum(p.numel() for p in block.attn.parameters())
+            if block.is_moe:
+                expert_params = block.mlp.w_fc.numel() + block.mlp.w_proj.numel()
+                counts["experts"] += expert_params
+                counts["router"] += block.mlp.router.weight.numel()
+                counts["moe_inactive"] += (cfg.n_experts - cfg.expert_topk) * expert_params // cfg.n_experts
+            else:
+                counts["mlp"] += sum(p.numel() for p in block.mlp.parameters())
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        counts["active_total"] = counts["total"] - counts["moe_inactive"]
+        return counts
+
+    def estimate_flops(self):
+        """Training FLOPs per token, active parameters only (contract): 6 per active matmul
+        weight (2 forward, 4 backward; the embedding is a lookup, not a matmul) plus the
+        attention scores/values term 12 * n_layer * n_head * head_dim * seq_len (Kaplan et al.
+        2020 / PaLM appendix B, as nanochat counts it)."""
+        counts = self.num_scaling_params()
+        cfg = self.config
+        head_dim = cfg.n_embd // cfg.n_head
+        matmul_params = counts["active_total"] - counts["wte"]
+        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
+
+    def num_moe_layers(self):
+        return sum(1 for block in self.transformer.h if block.is_moe)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, idx, targets=None, loss_reduction="mean"):
+        """idx: (B, T) token ids. Without targets: returns logits (B, T, V), fp32.
+        With targets: returns (cross_entropy, balance_loss) where balance_loss is the mean
+        Switch loss over MoE layers (a zero tensor for dense models); the trainer adds
+        balance_loss_coeff * balance_loss. Targets of -1 are ignored."""
+        B, T = idx.shape
+        assert T <= self.cos.size(1), f"sequence length {T} exceeds rotary cache {self.cos.size(1)}"
+        cos_sin = self.cos[:, :T], self.sin[:, :T]
+        x = norm(self.transformer.wte(idx))
+        balance_losses = []
+        for block in self.transformer.h:
+            x, balance_loss = block(x, cos_sin)
+            if balance_loss is not None:
+                balance_losses.append(balance_loss)
+        x = norm(x)
+        softcap = 15.0  # smoothly bounds logits to (-15, 15): stabilises early training
+        logits = self.lm_head(x).float()
+        logits = softcap * torch.tanh(logits / softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+        if loss_reduction == "none":
+            loss = loss.view(B, T)
+        balance = torch.stack(balance_losses).mean() if balance_losses else logits.new_zeros(())
+        return loss, balance
+
+    @torch.no_grad()
+    def generate(self, tokens, max_tokens, temperature=0.0, seed=42):
+        """Plain sampling without a KV cache (each step re-runs the whole context): for the
+        few greedy samples printed during training. Yields one token id at a time."""
+        device = self.lm_head.weight.device
+        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            context = ids[:, -self.config.sequence_len:]
+            logits = self.forward(context)[:, -1, :]
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=rng)
+            else:
+                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat((ids, next_id), dim=1)
+            yield next_id.item()
+
+
+def build_model(config, device):
+    """Build on the meta device (no memory, no init cost), materialise on `device`, init."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def describe_params(model):
+    """The startup block: total / active / inactive params and the MoE and dense layer counts."""
+    cfg = model.config
+    c = model.num_scaling_params()
+    n_moe = model.num_moe_layers()
+    lines = [f"Total Parameters: {c['total'] / 1e6:.2f} M"]
+    if n_moe:
+        idle = (cfg.n_experts - cfg.expert_topk) * n_moe
+        lines += [
+            f"Active Params/tok: {c['active_total'] / 1e6:.2f} M (top-{cfg.expert_topk} of {cfg.n_experts} experts)",
+            f"Inactive Params: {c['moe_inactive'] / 1e6:.2f} M ({idle} experts idle)",
+            f"Efficiency: {100 * c['active_total'] / c['total']:.1f}% active per forward pass",
+        ]
+    else:
+        lines.append("Active Params/tok: Active = Total (Dense model)")
+    lines.append(f"Layers: {n_moe} MoE + {cfg.n_layer - n_moe} dense (of {cfg.n_layer})")
+    lines.append(f"FLOPs/token (train, active): {model.estimate_flops():.4e}")
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""
+Optimizers: Muon for the hidden matrices (attention, MLP, experts), AdamW for the rest.
+
+Muon (Keller Jordan, 2024): SGD-momentum whose update is replaced by its nearest
+semi-orthogonal matrix, computed with a quintic Newton-Schulz iteration. Expert weights are
+stacked (E, out, in) tensors; the iteration is batched over the leading dimension, so each
+expert's matrix is orthogonalised on its own (one expert's gradient never rescales another's).
+"""
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import print0
+
+
+def zeropower_via_newtonschulz5(G, steps=5):
+    """Approximately orthogonalise the last two dims of G (batched over leading dims).
+    Coefficients (3.4445, -4.7750, 2.0315) maximise the slope at zero, as in Muon."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16() if G.is_cuda else G.float()  # bf16 is fast on GPUs; CPUs prefer fp32
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D weights and stacked (E, out, in) expert weights, nn.Linear layout."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(g)
+                buf = state["momentum_buffer"]
+                buf.lerp_(g, 1 - group["momentum"])
+                g = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = zeropower_via_newtonschulz5(g, steps=group["ns_steps"])
+                # Orthogonal updates have unit singular values; scale tall matrices (out > in)
+                # up so the per-element update size does not shrink with their aspect ratio.
+                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                p.add_(update, alpha=-group["lr"] * scale)
+
+
+def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, router_lr=0.004,
+                     weight_decay=0.0, adam_betas=(0.8, 0.95), device_type="cpu"):
+    """Return [adamw, muon]; each param group remembers its base lr in 'initial_lr'.
+
+    - Muon: every matrix inside the blocks (attention, dense MLP, experts).
+    - AdamW: token embedding and lm_head (lookups/classifier, not hidden transforms), with
+      nanochat's 1/sqrt(d_model/768) scaling of their lrs.
+    - AdamW for the router too: the gate is a small classifier (n_experts x d) whose rows
+      should move at the rate their own gradients ask for. Muon would give every expert's
+      logit the same update magnitude (all singular values 1), which amplifies the small,
+      noisy early gradients of rarely chosen experts and fights the balance loss.
+    """
+    d_model = model.config.n_embd
+    lr_scale = (d_model / 768) ** -0.5
+    router_params, matrix_params = [], []
+    for name, p in model.transformer.h.named_parameters():
+        (router_params if ".router." in name else matrix_params).append(p)
+    adam_groups = [
+        dict(params=[model.lm_head.weight], lr=unembedding_lr * lr_scale),
+        dict(params=[model.transformer.wte.weight], lr=embedding_lr * lr_scale),
+    ]
+    if router_params:
+        adam_groups.append(dict(params=router_params, lr=router_lr))
+    n_assigned = sum(len(g["params"]) for g in adam_groups) + len(matrix_params)
+    assert n_assigned == len(list(model.parameters())), "a parameter was left without an optimizer"
+    adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay,
+                              fused=(device_type == "cuda"))
+    muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
+    for opt in (adamw, muon):
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    print0(f"Optimizers: AdamW (embedding, lm_head, {len(router_params)} routers), Muon ({len(matrix_params)} matrices)")
+    return [adamw, muon]
+
+
+def all_reduce_grads(model, world_size):
+    """Average gradients over ranks once per optimizer step (after gradient accumulation).
+    gloo has no AVG op, so SUM then divide; all launched asynchronously, then awaited."""
+    if world_size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    handles = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
+    for h, g in zip(handles, grads):
+        h.wait()
+        g.div_(world_size)

@@ -1,0 +1,450 @@
+"""
+Pretrain a GPT (dense, or MoE with --use-moe) on parquet text shards.
+
+    python -m scripts.base_train                                  # CPU or one GPU
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --use-moe
+
+Data (--data): `synthetic` (the built-in offline corpus, with an exact entropy floor),
+`fineweb` (downloads shards), or a path (a folder of shards, or .txt/.jsonl/.parquet files
+that are turned into shards). Missing corpus and tokenizer are prepared on first use.
+Everything a run writes goes to $NANOCHAT_BASE_DIR/runs/<model-tag>/ (metrics.jsonl,
+config.json, checkpoints/).
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import (UserError, run_main, print0, get_base_dir, git_commit, check_device_type,
+                             get_dist_info, compute_init, compute_cleanup, DummyWandb, get_peak_flops)
+
+DATA_SOURCES = ("synthetic", "fineweb")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="base_train", description="Pretrain a dense or MoE GPT.")
+    # Model shape
+    p.add_argument("--depth", type=int, default=12, help="number of transformer layers")
+    p.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth x aspect-ratio (unless --n-embd)")
+    p.add_argument("--n-embd", type=int, default=0, help="model width; 0 = depth x aspect-ratio")
+    p.add_argument("--head-dim", type=int, default=64, help="attention head dimension (width must divide by it)")
+    p.add_argument("--n-kv-head", type=int, default=0, help="key/value heads for GQA; 0 = as many as query heads")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="context length in tokens")
+    # MoE
+    p.add_argument("--use-moe", action="store_true", help="replace MLPs with a token-choice top-k MoE")
+    p.add_argument("--n-experts", type=int, default=8)
+    p.add_argument("--expert-topk", type=int, default=2)
+    p.add_argument("--moe-freq", type=int, default=1, help="every n-th layer is MoE (1 = all)")
+    p.add_argument("--expert-hidden-mult", type=float, default=0.0,
+                   help="expert hidden width / model width; 0 = 4 / expert-topk (iso-FLOPs with the dense 4x MLP)")
+    p.add_argument("--balance-loss-coeff", type=float, default=0.01, help="weight of the Switch balance loss")
+    # Data
+    p.add_argument("--data", default="synthetic", help="synthetic | fineweb | PATH (folder of shards, or .txt/.jsonl/.parquet)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocab size when a tokenizer must be trained for --data")
+    p.add_argument("--synthetic-train-docs", type=int, default=20000, help="train documents of the built-in corpus")
+    p.add_argument("--num-shards", type=int, default=8, help="--data fineweb: shards to download (the last is validation)")
+    p.add_argument("--data-url", default="", help="--data fineweb: base URL of the shards (default: FineWeb-Edu 100B shuffle)")
+    # Training horizon: the first of these that is set wins
+    p.add_argument("--num-iterations", type=int, default=-1, help="explicit number of optimizer steps")
+    p.add_argument("--target-flops", type=float, default=-1.0, help="train for this many FLOPs (active params)")
+    p.add_argument("--target-param-data-ratio", type=float, default=20.0, help="tokens = ratio x active params (Chinchilla: 20)")
+    # Batch
+    p.add_argument("--device-batch-size", type=int, default=16, help="rows per micro-batch per process")
+    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all processes")
+    # Optimization
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr (attention, MLP, experts)")
+    p.add_argument("--router-lr", type=float, default=0.004, help="AdamW lr of the MoE routers")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.0)
+    p.add_argument("--warmdown-ratio", type=float, default=0.2)
+    p.add_argument("--final-lr-frac", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=42)
+    # Evaluation, sampling, checkpoints, logging
+    p.add_argument("--eval-every", type=int, default=250, help="steps between val bpb evaluations (-1 = only at the end)")
+    p.add_argument("--eval-tokens", type=int, default=10 * 524288, help="validation tokens per evaluation")
+    p.add_argument("--sample-every", type=int, default=2000, help="steps between greedy samples (-1 = never)")
+    p.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = only at the end)")
+    p.add_argument("--resume-from-step", default="", help="resume this run from a saved step (or 'latest')")
+    p.add_argument("--log-every", type=int, default=1, help="steps between step lines")
+    p.add_argument("--run", default="dummy", help="wandb run name; 'dummy' = no wandb")
+    p.add_argument("--model-tag", default="", help="run folder name under $NANOCHAT_BASE_DIR/runs (default from the config)")
+    # Hardware
+    p.add_argument("--device-type", default="", help="cpu | cuda | mps (empty = autodetect)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the model (auto = on for CUDA)")
+    p.add_argument("--fp8", action="store_true", help="FP8 training of the dense linears (torchao; needs an H100-class GPU)")
+    return p.parse_args(argv)
+
+
+def validate_args(args, world_size):
+    """All the cheap checks, before any data, tokenizer or model work. Raises UserError."""
+    def need(cond, msg):
+        if not cond:
+            raise UserError(msg)
+    need(args.depth >= 1, f"--depth must be >= 1 (got {args.depth})")
+    need(args.max_seq_len >= 2, f"--max-seq-len must be >= 2 (got {args.max_seq_len})")
+    need(args.head_dim >= 2 and args.head_dim % 2 == 0, f"--head-dim must be even and >= 2 (got {args.head_dim})")
+    n_embd = args.n_embd or args.depth * args.aspect_ratio
+    need(n_embd >= 1, f"--n-embd must be >= 1 (got {n_embd})")
+    need(n_embd % args.head_dim == 0,
+         f"model width {n_embd} ({'--n-embd' if args.n_embd else '--depth x --aspect-ratio'}) is not divisible by --head-dim {args.head_dim}")
+    n_head = n_embd // args.head_dim
+    n_kv_head = args.n_kv_head or n_head
+    need(n_head % n_kv_head == 0, f"--n-kv-head {n_kv_head} must divide the number of heads {n_head}")
+    if args.use_moe:
+        need(args.n_experts >= 1, f"--n-experts must be >= 1 (got {args.n_experts})")
+        need(args.expert_topk >= 1, f"--expert-topk must be >= 1 (got {args.expert_topk})")
+        need(args.expert_topk <= args.n_experts, f"--expert-topk {args.expert_topk} exceeds --n-experts {args.n_experts}")
+        need(args.moe_freq >= 1, f"--moe-freq must be >= 1 (got {args.moe_freq})")
+        need(args.moe_freq <= args.depth, f"--moe-freq {args.moe_freq} > --depth {args.depth}: no layer would be MoE")
+        need(args.expert_hidden_mult >= 0, f"--expert-hidden-mult must be > 0 (got {args.expert_hidden_mult})")
+        need(args.balance_loss_coeff >= 0, f"--balance-loss-coeff must be >= 0 (got {args.balance_loss_coeff})")
+    need(args.device_batch_size >= 1, f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
+    tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
+    need(args.total_batch_size > 0 and args.total_batch_size % tokens_per_fwdbwd == 0,
+         f"--total-batch-size {args.total_batch_size} is not a multiple of --device-batch-size x --max-seq-len x "
+         f"processes = {args.device_batch_size} x {args.max_seq_len} x {world_size} = {tokens_per_fwdbwd}")
+    need(args.num_iterations != 0, "--num-iterations must be positive (or -1 to derive it)")
+    need(args.num_iterations > 0 or args.target_flops > 0 or args.target_param_data_ratio > 0,
+         "set one of --num-iterations, --target-flops, --target-param-data-ratio")
+    need(args.eval_tokens >= args.max_seq_len, f"--eval-tokens {args.eval_tokens} is less than one row of --max-seq-len {args.max_seq_len}")
+    need(0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1 and args.warmup_ratio + args.warmdown_ratio <= 1,
+         "--warmup-ratio and --warmdown-ratio must be in [0, 1] and sum to at most 1")
+    need(args.vocab_size >= 257, f"--vocab-size must be >= 257 (256 bytes + BOS), got {args.vocab_size}")
+    if args.data not in DATA_SOURCES:
+        need(os.path.exists(args.data), f"--data {args.data!r}: not one of {', '.join(DATA_SOURCES)} and no such file or folder")
+    device_type = check_device_type(args.device_type)
+    if args.fp8:
+        from nanochat.fp8 import check_fp8_supported
+        check_fp8_supported(device_type)
+    return device_type, n_embd, n_head, n_kv_head
+
+
+def prepare_data(args, rank, ddp):
+    """Make sure the shards and the tokenizer for --data exist (rank 0 prepares, others wait).
+    Returns (data_dir, tokenizer_dir)."""
+    from nanochat import dataset, synthetic, tokenizer as tok
+    base = get_base_dir()
+    if args.data == "synthetic":
+        name, data_dir = "synthetic", os.path.join(base, "data", "synthetic")
+    elif args.data == "fineweb":
+        name, data_dir = "fineweb", os.path.join(base, "data", "fineweb")
+    else:
+        path = os.path.abspath(args.data)
+        has_shards = os.path.isdir(path) and any(f.endswith(".parquet") and f.startswith("shard_") for f in os.listdir(path))
+        name = os.path.basename(os.path.normpath(path))
+        data_dir = path if has_shards else os.path.join(base, "data", "local_" + os.path.splitext(name)[0])
+    tokenizer_dir = tok.get_tokenizer_dir(name if args.data in DATA_SOURCES or data_dir != os.path.abspath(args.data)
+                                          else "local_" + name)
+    if rank == 0:
+        if args.data == "synthetic":
+            if not os.path.exists(os.path.join(data_dir, "entropy.json")):
+                print0(f"Preparing the built-in corpus in {data_dir} (first use) ...")
+            synthetic.prepare_synthetic(data_dir, num_train_docs=args.synthetic_train_docs)
+        elif args.data == "fineweb":
+            url = args.data_url or dataset.DEFAULT_FINEWEB_URL
+            print0(f"Making sure {args.num_shards} shards from {url} are in {data_dir} ...")
+            dataset.download_shards(url, range(args.num_shards), data_dir)
+        elif data_dir != os.path.abspath(args.data) and not os.path.exists(os.path.join(data_dir, "build_info.json")):
+            print0(f"Building shards from {args.data} into {data_dir} ...")
+            dataset.build_shards([args.data], data_dir)
+        dataset.list_shards(data_dir)  # fails with a clear line when the folder is unusable
+        if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
+            print0(f"No tokenizer for this data yet: training one (vocab {args.vocab_size}) into {tokenizer_dir} ...")
+            tok.train_tokenizer(data_dir, tokenizer_dir, args.vocab_size)
+    if ddp:
+        dist.barrier()
+    return data_dir, tokenizer_dir
+
+
+def get_lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """Linear warmup, constant, linear warmdown to final_lr_frac (nanochat's trapezoid)."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress * 1.0 + (1 - progress) * final_lr_frac
+
+
+def get_muon_momentum(step):
+    frac = min(step / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def peak_memory_mb(device_type):
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def format_eta(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLog:
+    """metrics.jsonl on rank 0: one JSON object per line, flushed as written."""
+
+    def __init__(self, path, enabled, append=False):
+        self.enabled = enabled
+        if enabled:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.f = open(path, "a" if append else "w")
+
+    def write(self, record):
+        if self.enabled:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
+
+    def close(self):
+        if self.enabled:
+            self.f.close()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp, rank, local_rank, world_size = get_dist_info()
+    device_type, n_embd, n_head, n_kv_head = validate_args(args, world_size)
+    if args.use_moe and args.expert_hidden_mult == 0:
+        args.expert_hidden_mult = 4 / args.expert_topk
+    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    try:
+        train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv_head)
+    finally:
+        compute_cleanup()
+
+
+def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv_head):
+    from nanochat.gpt import GPTConfig, build_model, describe_params
+    from nanochat.optim import setup_optimizers, all_reduce_grads
+    from nanochat.tokenizer import get_tokenizer, load_token_bytes
+    from nanochat.dataloader import data_loader
+    from nanochat.dataset import list_shards, split_shards, read_entropy_floor
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_latest_step
+
+    master = rank == 0
+    torch.manual_seed(args.seed)
+    data_dir, tokenizer_dir = prepare_data(args, rank, ddp)
+    tokenizer = get_tokenizer(tokenizer_dir)
+    token_bytes = load_token_bytes(tokenizer_dir, device=device)
+    shards = list_shards(data_dir)
+    train_shards, val_shards = split_shards(shards, "train"), split_shards(shards, "val")
+    entropy_floor = read_entropy_floor(data_dir)
+
+    config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth,
+                       n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, use_moe=args.use_moe,
+                       n_experts=args.n_experts, expert_topk=args.expert_topk, moe_freq=args.moe_freq,
+                       expert_hidden_mult=args.expert_hidden_mult if args.use_moe else 4)
+    model = build_model(config, device)
+    params = model.num_scaling_params()
+    flops_per_token = model.estimate_flops()
+    print0(describe_params(model))
+    if args.fp8:
+        from nanochat.fp8 import convert_to_fp8
+        converted = convert_to_fp8(model)
+        print0(f"FP8 layers ({len(converted)}): {', '.join(converted) or 'none'}; experts and routers stay in bf16")
+
+    # Training horizon, from active parameters (an MoE's idle experts do no work per token).
+    tokens_per_step = args.total_batch_size
+    grad_accum = tokens_per_step // (args.device_batch_size * args.max_seq_len * world_size)
+    if args.num_iterations > 0:
+        num_iterations, horizon = args.num_iterations, "--num-iterations"
+    elif args.target_flops > 0:
+        num_iterations, horizon = max(1, round(args.target_flops / (flops_per_token * tokens_per_step))), "--target-flops"
+    else:
+        target_tokens = args.target_param_data_ratio * (params["active_total"] - params["wte"])
+        num_iterations, horizon = max(1, round(target_tokens / tokens_per_step)), "--target-param-data-ratio"
+    total_tokens = num_iterations * tokens_per_step
+    print0(f"Steps: {num_iterations:,} (from {horizon}) x {tokens_per_step:,} tokens = {total_tokens:,} tokens, "
+           f"{flops_per_token * total_tokens:.3e} FLOPs; grad accum {grad_accum} x {world_size} process(es)")
+    if entropy_floor is not None:
+        print0(f"Entropy floor of the validation data: {entropy_floor:.4f} bits/byte (irreducible)")
+
+    optimizers = setup_optimizers(model, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                  matrix_lr=args.matrix_lr, router_lr=args.router_lr,
+                                  weight_decay=args.weight_decay, device_type=device_type)
+    use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+
+    model_tag = args.model_tag or (f"d{args.depth}" + (f"_moe{args.n_experts}k{args.expert_topk}" if args.use_moe else ""))
+    run_dir = os.path.join(get_base_dir(), "runs", model_tag)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    start_step, loader_state = 0, None
+    if args.resume_from_step:
+        step_to_load = find_latest_step(ckpt_dir) if args.resume_from_step == "latest" else int(args.resume_from_step)
+        meta = load_checkpoint(ckpt_dir, step_to_load, model, optimizers, rank, device)
+        start_step, loader_state = meta["step"], meta["loader_state"]
+        print0(f"Resumed from {ckpt_dir} step {start_step}")
+    header = dict(type="header", config=config.to_dict(), args=vars(args), commit=git_commit(), model_tag=model_tag,
+                  total=params["total"], active_total=params["active_total"], params=params,
+                  flops_per_token=flops_per_token, tokens_per_step=tokens_per_step, num_iterations=num_iterations,
+                  world_size=world_size, device_type=device_type, data_dir=data_dir, entropy_floor=entropy_floor)
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), master, append=start_step > 0)
+    if master:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json.tmp"), "w") as f:
+            json.dump(header, f, indent=2)
+        os.replace(os.path.join(run_dir, "config.json.tmp"), os.path.join(run_dir, "config.json"))
+        print0(f"Run folder: {run_dir}")
+    if start_step == 0:
+        metrics.write(header)
+    if master and args.run != "dummy":
+        import wandb
+        wandb_run = wandb.init(project="nanochat-moe", name=args.run, config=header)
+    else:
+        wandb_run = DummyWandb()
+
+    def rank_loader(shard_list, state, loop):
+        return data_loader(tokenizer, shard_list, args.device_batch_size, args.max_seq_len, rank=rank,
+                           world_size=world_size, device=device, state=state, loop=loop)
+
+    def evaluate():
+        model.eval()
+        eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
+        with autocast:
+            bpb = evaluate_bpb(model, rank_loader(val_shards, None, False), eval_steps, token_bytes)
+        model.train()
+        return bpb
+
+    sample_prompts = [d[:40] for d in _first_documents(val_shards[0], 3)]
+
+    def sample():
+        model.eval()
+        for prompt in sample_prompts:
+            ids = tokenizer.encode(prompt, prepend_bos=True)
+            with autocast:
+                out = list(model.generate(ids, max_tokens=24))
+            print0(f"  sample | {prompt!r} -> {tokenizer.decode(out)!r}")
+        model.train()
+
+    # consumed_state: the loader state after the last batch trained on (what a checkpoint
+    # saves); the batch in x/y has been fetched ahead and is not consumed yet.
+    train_batches = rank_loader(train_shards, loader_state, True)
+    consumed_state = loader_state
+    x, y, next_state = next(train_batches)
+    flops_done = start_step * flops_per_token * tokens_per_step
+    val_bpb, min_val_bpb = float("nan"), float("inf")
+    step_times, smooth_loss = [], 0.0
+    t_start = time.time()
+    step = start_step
+    while True:
+        last = step == num_iterations
+        if args.eval_every > 0 and (step % args.eval_every == 0 or last) or (last and args.eval_every < 0):
+            val_bpb = evaluate()
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            floor = f" | floor {entropy_floor:.4f} (+{val_bpb - entropy_floor:.4f})" if entropy_floor is not None else ""
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}{floor}")
+            metrics.write(dict(type="eval", step=step, flops=flops_done, tokens=step * tokens_per_step, val_bpb=val_bpb))
+            wandb_run.log({"step": step, "flops": flops_done, "val/bpb": val_bpb})
+        if args.sample_every > 0 and master and (step % args.sample_every == 0 or last) and step > 0:
+            sample()
+        if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+            save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp,
+                            loader_state=consumed_state, meta=dict(step=step, config=config.to_dict(), val_bpb=val_bpb,
+                                                                   flops=flops_done, args=vars(args)))
+        if last:
+            break
+
+        # One optimizer step: grad_accum micro-batches, then all-reduce, then update.
+        t0 = time.time()
+        ce_sum = torch.zeros((), device=device)
+        bal_sum = torch.zeros((), device=device)
+        for _ in range(grad_accum):
+            with autocast:
+                ce, balance = train_model(x, y)
+            loss = ce + args.balance_loss_coeff * balance if args.use_moe else ce
+            (loss / grad_accum).backward()
+            ce_sum += ce.detach()
+            bal_sum += balance.detach()
+            consumed_state = next_state
+            x, y, next_state = next(train_batches)
+        all_reduce_grads(model, world_size)
+        lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for group in optimizers[1].param_groups:
+            group["momentum"] = get_muon_momentum(step)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        stats = torch.stack([ce_sum, bal_sum]) / grad_accum
+        if ddp:
+            dist.all_reduce(stats)
+            stats /= world_size
+        train_loss, balance_loss = stats.tolist()  # one host sync per step, for logging
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        step += 1
+        flops_done = step * flops_per_token * tokens_per_step
+        if not math.isfinite(train_loss):
+            raise SystemExit(f"base_train: error: non-finite training loss ({train_loss}) at step {step}; "
+                             f"stopping (last checkpoint untouched). Try a lower --matrix-lr / --embedding-lr.")
+
+        if step - start_step > 2:  # the first steps include warm-up/compilation
+            step_times.append(dt)
+        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
+        debiased = smooth_loss / (1 - 0.9 ** (step - start_step))
+        tok_per_sec = tokens_per_step / dt
+        peak = get_peak_flops(device_type)
+        mfu = 100 * flops_per_token * tok_per_sec / (peak * world_size) if peak else None
+        avg_dt = sum(step_times) / len(step_times) if step_times else dt
+        eta = format_eta(avg_dt * (num_iterations - step))
+        record = dict(type="train", step=step, flops=flops_done, tokens=step * tokens_per_step, train_loss=train_loss,
+                      lr_mult=lrm, dt=dt, tok_per_sec=tok_per_sec, mfu=mfu, epoch=consumed_state["epoch"])
+        if args.use_moe:
+            record["balance_loss"] = balance_loss
+        metrics.write(record)
+        wandb_run.log({"step": step, "flops": flops_done, "train/loss": train_loss, "train/balance_loss": balance_loss,
+                       "train/lrm": lrm, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu or 0.0})
+        if step % args.log_every == 0 or step == num_iterations:
+            bal = f" | bal {balance_loss:.4f}" if args.use_moe else ""
+            mfu_s = f"{mfu:.1f}%" if mfu is not None else "n/a"
+            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f}{bal} "
+                   f"| lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_s} "
+                   f"| epoch {consumed_state['epoch']} | eta {eta}")
+
+    wall = time.time() - t_start
+    avg_tok_s = tokens_per_step / (sum(step_times) / len(step_times)) if step_times else float("nan")
+    summary = dict(type="summary", step=step, flops=flops_done, tokens=step * tokens_per_step, final_val_bpb=val_bpb,
+                   min_val_bpb=min_val_bpb, entropy_floor=entropy_floor, total=params["total"],
+                   active_total=params["active_total"], flops_per_token=flops_per_token, tok_per_sec=avg_tok_s,
+                   wall_time=wall, peak_memory_mb=peak_memory_mb(device_type), epochs=consumed_state["epoch"])
+    metrics.write(summary)
+    metrics.close()
+    wandb_run.finish()
+    rows = [("model", model_tag), ("params total / active", f"{params['total']:,} / {params['active_total']:,}"),
+            ("FLOPs/token", f"{flops_per_token:.4e}"), ("tokens", f"{step * tokens_per_step:,}"),
+            ("FLOPs", f"{flops_done:.4e}"), ("final val bpb", f"{val_bpb:.4f}"),
+            ("entropy floor", f"{entropy_floor:.4f}" if entropy_floor is not None else "n/a"),
+            ("tok/s (mean step)", f"{avg_tok_s:,.0f}"), ("wall time", f"{wall:.1f}s"),
+            ("peak memory", f"{summary['peak_memory_mb']:.0f} MiB"), ("run folder", run_dir)]
+    width = max(len(k) for k, _ in rows)
+    print0("\n".join(["", "Summary", "-" * (width + 30)] + [f"{k:<{width}}  {v}" for k, v in rows]))
+
+
+def _first_documents(path, n):
+    import pyarrow.parquet as pq
+    docs = pq.ParquetFile(path).read_row_group(0, columns=["text"]).column("text").to_pylist()
+    return docs[:n]
+
+
+if __name__ == "__main__":
+    run_main(main)
