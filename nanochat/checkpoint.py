@@ -85,7 +85,11 @@ def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device):
         state = load_file(path, device=str(device))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: cannot read checkpoint weights ({e})")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # names or shapes differ: saved with other model flags
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise UserError(f"{path}: does not fit this model (saved with other model flags?): {detail[:300]}")
     if optimizers is not None:
         path = os.path.join(d, "optim.pt")
         try:
@@ -94,6 +98,9 @@ def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device):
             raise UserError(f"{path}: cannot read optimizer state safely ({type(e).__name__}: {str(e).splitlines()[0]})")
         for opt, s in zip(optimizers, states):
             opt.load_state_dict(s)
-    with open(os.path.join(d, f"loader_rank{rank}.json")) as f:
+    path = os.path.join(d, f"loader_rank{rank}.json")
+    if not os.path.exists(path):
+        raise UserError(f"{path} is missing: resume with as many processes as the run that saved this checkpoint")
+    with open(path) as f:
         meta["loader_state"] = json.load(f)
     return meta

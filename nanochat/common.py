@@ -3,6 +3,7 @@ Small shared utilities: user-facing errors, printing on rank 0, the base directo
 device autodetection, torchrun (distributed) setup, a no-op wandb, and peak FLOPs for MFU.
 """
 
+import argparse
 import os
 import sys
 import subprocess
@@ -21,6 +22,13 @@ def die(message, prog=None):
     prog = prog or os.path.basename(sys.argv[0]).removesuffix(".py")
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line (naming it) instead of the usage block."""
+
+    def error(self, message):
+        die(f"{message} (see --help)", self.prog)
 
 
 def run_main(main):

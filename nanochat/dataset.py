@@ -58,6 +58,15 @@ def list_shards(data_dir):
     if len(paths) < 2:
         raise UserError(f"--data {data_dir}: found {len(paths)} .parquet shard(s), need at least 2 "
                         f"(the last one is held out for validation)")
+    # Check every shard's schema up front (metadata only, cheap): a bad shard should fail
+    # before training, not an hour into it.
+    for path in paths:
+        try:
+            names = pq.ParquetFile(path).schema_arrow.names
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path} is not a readable parquet file: {e}")
+        if "text" not in names:
+            raise UserError(f"{path} has no 'text' column (columns: {', '.join(names)})")
     return paths
 
 

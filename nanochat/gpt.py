@@ -6,7 +6,6 @@ The GPT, nanochat style:
 - optional Mixture-of-Experts in place of the MLP (use_moe; every moe_freq-th layer)
 """
 
-import math
 from dataclasses import dataclass, asdict
 
 import torch

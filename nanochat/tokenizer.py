@@ -17,18 +17,17 @@ trained with.
 
 import os
 import json
-import glob
 import time
 import base64
 
 import numpy as np
 import torch
-import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
 from tqdm import tqdm
 
 from nanochat.common import UserError, print0, get_base_dir
+from nanochat.dataset import list_shards, read_documents
 
 # GPT-4 style split pattern, as in nanochat: \p{N}{1,2} rather than GPT-4's \p{N}{1,3}, so that
 # numbers split into chunks of at most 2 digits (a small vocab should not spend ids on 3-digit numbers).
@@ -236,34 +235,10 @@ def load_token_bytes(tokenizer_dir, device="cpu"):
 # -----------------------------------------------------------------------------
 # training on a folder of parquet shards
 
-def list_shards(data_dir):
-    """Sorted shard paths of a data folder, checked to be readable parquet with a 'text' column.
-    Checking all of them up front (metadata only, cheap) means a bad shard fails before training
-    rather than an hour in."""
-    if not os.path.isdir(data_dir):
-        raise UserError(f"data folder {data_dir} does not exist")
-    paths = sorted(glob.glob(os.path.join(data_dir, "shard_*.parquet")))
-    if len(paths) < 2:
-        raise UserError(f"data folder {data_dir} has {len(paths)} shard_*.parquet files; need at least 2 "
-                        f"(the last one is validation, the others train)")
-    for path in paths:
-        try:
-            schema = pq.ParquetFile(path).schema_arrow
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{path} is not a readable parquet file: {e}")
-        if "text" not in schema.names:
-            raise UserError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
-    return paths
-
-
 def iter_docs(paths):
-    """Yield the documents of the given shards, one row group at a time (bounded memory)."""
+    """Yield the non-empty documents of the given shards (bounded memory)."""
     for path in paths:
-        pf = pq.ParquetFile(path)
-        for i in range(pf.num_row_groups):
-            for text in pf.read_row_group(i, columns=["text"]).column("text").to_pylist():
-                if text:
-                    yield text
+        yield from (text for text in read_documents(path) if text)
 
 
 def train_tokenizer(data_dir, out_dir, vocab_size, max_chars=2_000_000_000, doc_cap=10_000):

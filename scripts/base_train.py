@@ -11,25 +11,25 @@ Everything a run writes goes to $NANOCHAT_BASE_DIR/runs/<model-tag>/ (metrics.js
 config.json, checkpoints/).
 """
 
-import argparse
 import json
 import math
 import os
 import resource
+import sys
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (UserError, run_main, print0, get_base_dir, git_commit, check_device_type,
+from nanochat.common import (UserError, ArgumentParser, run_main, print0, get_base_dir, git_commit, check_device_type,
                              get_dist_info, compute_init, compute_cleanup, DummyWandb, get_peak_flops)
 
 DATA_SOURCES = ("synthetic", "fineweb")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="base_train", description="Pretrain a dense or MoE GPT.")
+    p = ArgumentParser(prog="base_train", description="Pretrain a dense or MoE GPT.")
     # Model shape
     p.add_argument("--depth", type=int, default=12, help="number of transformer layers")
     p.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth x aspect-ratio (unless --n-embd)")
@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--device-type", default="", help="cpu | cuda | mps (empty = autodetect)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the model (auto = on for CUDA)")
     p.add_argument("--fp8", action="store_true", help="FP8 training of the dense linears (torchao; needs an H100-class GPU)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m scripts.base_train -- --flags` passes the separator through
+        argv = argv[1:]
     return p.parse_args(argv)
 
 
@@ -105,7 +108,7 @@ def validate_args(args, world_size):
         need(args.expert_topk <= args.n_experts, f"--expert-topk {args.expert_topk} exceeds --n-experts {args.n_experts}")
         need(args.moe_freq >= 1, f"--moe-freq must be >= 1 (got {args.moe_freq})")
         need(args.moe_freq <= args.depth, f"--moe-freq {args.moe_freq} > --depth {args.depth}: no layer would be MoE")
-        need(args.expert_hidden_mult >= 0, f"--expert-hidden-mult must be > 0 (got {args.expert_hidden_mult})")
+        need(args.expert_hidden_mult >= 0, f"--expert-hidden-mult must be > 0, or 0 for 4 / --expert-topk (got {args.expert_hidden_mult})")
         need(args.balance_loss_coeff >= 0, f"--balance-loss-coeff must be >= 0 (got {args.balance_loss_coeff})")
     need(args.device_batch_size >= 1, f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
     tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
@@ -115,9 +118,12 @@ def validate_args(args, world_size):
     need(args.num_iterations != 0, "--num-iterations must be positive (or -1 to derive it)")
     need(args.num_iterations > 0 or args.target_flops > 0 or args.target_param_data_ratio > 0,
          "set one of --num-iterations, --target-flops, --target-param-data-ratio")
+    need(args.eval_every != 0, "--eval-every must be a number of steps, or -1 for an evaluation at the end only")
     need(args.eval_tokens >= args.max_seq_len, f"--eval-tokens {args.eval_tokens} is less than one row of --max-seq-len {args.max_seq_len}")
     need(0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1 and args.warmup_ratio + args.warmdown_ratio <= 1,
          "--warmup-ratio and --warmdown-ratio must be in [0, 1] and sum to at most 1")
+    need(args.resume_from_step in ("", "latest") or args.resume_from_step.isdigit(),
+         f"--resume-from-step must be a step number or 'latest' (got {args.resume_from_step!r})")
     need(args.vocab_size >= 257, f"--vocab-size must be >= 257 (256 bytes + BOS), got {args.vocab_size}")
     if args.data not in DATA_SOURCES:
         need(os.path.exists(args.data), f"--data {args.data!r}: not one of {', '.join(DATA_SOURCES)} and no such file or folder")
@@ -133,17 +139,17 @@ def prepare_data(args, rank, ddp):
     Returns (data_dir, tokenizer_dir)."""
     from nanochat import dataset, synthetic, tokenizer as tok
     base = get_base_dir()
-    if args.data == "synthetic":
-        name, data_dir = "synthetic", os.path.join(base, "data", "synthetic")
-    elif args.data == "fineweb":
-        name, data_dir = "fineweb", os.path.join(base, "data", "fineweb")
+    built = False  # True when --data names the user's own files, turned into shards under base/data
+    if args.data in DATA_SOURCES:
+        name = args.data
+        data_dir = os.path.join(base, "data", name)
     else:
         path = os.path.abspath(args.data)
-        has_shards = os.path.isdir(path) and any(f.endswith(".parquet") and f.startswith("shard_") for f in os.listdir(path))
-        name = os.path.basename(os.path.normpath(path))
-        data_dir = path if has_shards else os.path.join(base, "data", "local_" + os.path.splitext(name)[0])
-    tokenizer_dir = tok.get_tokenizer_dir(name if args.data in DATA_SOURCES or data_dir != os.path.abspath(args.data)
-                                          else "local_" + name)
+        is_shard_folder = os.path.isdir(path) and any(f.startswith("shard_") and f.endswith(".parquet") for f in os.listdir(path))
+        name = "local_" + os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+        data_dir = path if is_shard_folder else os.path.join(base, "data", name)
+        built = not is_shard_folder
+    tokenizer_dir = tok.get_tokenizer_dir(name)  # a tokenizer belongs to the corpus it was trained on
     if rank == 0:
         if args.data == "synthetic":
             if not os.path.exists(os.path.join(data_dir, "entropy.json")):
@@ -153,9 +159,11 @@ def prepare_data(args, rank, ddp):
             url = args.data_url or dataset.DEFAULT_FINEWEB_URL
             print0(f"Making sure {args.num_shards} shards from {url} are in {data_dir} ...")
             dataset.download_shards(url, range(args.num_shards), data_dir)
-        elif data_dir != os.path.abspath(args.data) and not os.path.exists(os.path.join(data_dir, "build_info.json")):
+        elif built and not os.path.exists(os.path.join(data_dir, "build_info.json")):
             print0(f"Building shards from {args.data} into {data_dir} ...")
             dataset.build_shards([args.data], data_dir)
+        elif built:
+            print0(f"Using shards built earlier from {args.data} in {data_dir} (delete that folder to rebuild)")
         dataset.list_shards(data_dir)  # fails with a clear line when the folder is unusable
         if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
             print0(f"No tokenizer for this data yet: training one (vocab {args.vocab_size}) into {tokenizer_dir} ...")
@@ -197,13 +205,24 @@ def format_eta(seconds):
 
 
 class MetricsLog:
-    """metrics.jsonl on rank 0: one JSON object per line, flushed as written."""
+    """metrics.jsonl on rank 0: one JSON object per line, flushed as written. On resume from
+    step s, records the resumed run will write again are cut first (evals and the summary
+    at or after s, train records after s), so every step appears once."""
 
-    def __init__(self, path, enabled, append=False):
+    def __init__(self, path, enabled, resume_step=0):
         self.enabled = enabled
-        if enabled:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.f = open(path, "a" if append else "w")
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if resume_step and os.path.exists(path):
+            with open(path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+            keep = [r for r in records if r.get("type") == "header" or r.get("step", 0) < resume_step
+                    or (r.get("type") == "train" and r.get("step") == resume_step)]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(path + ".tmp", path)
+        self.f = open(path, "a" if resume_step else "w")
 
     def write(self, record):
         if self.enabled:
@@ -241,6 +260,7 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     torch.manual_seed(args.seed)
     data_dir, tokenizer_dir = prepare_data(args, rank, ddp)
     tokenizer = get_tokenizer(tokenizer_dir)
+    print0(f"Data: {data_dir} | tokenizer: {tokenizer_dir} (vocab {tokenizer.get_vocab_size():,})")
     token_bytes = load_token_bytes(tokenizer_dir, device=device)
     shards = list_shards(data_dir)
     train_shards, val_shards = split_shards(shards, "train"), split_shards(shards, "val")
@@ -290,12 +310,15 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
         step_to_load = find_latest_step(ckpt_dir) if args.resume_from_step == "latest" else int(args.resume_from_step)
         meta = load_checkpoint(ckpt_dir, step_to_load, model, optimizers, rank, device)
         start_step, loader_state = meta["step"], meta["loader_state"]
+        if meta.get("world_size", world_size) != world_size:
+            raise UserError(f"--resume-from-step: the checkpoint was saved by {meta['world_size']} process(es), this run "
+                            f"has {world_size}; resume with the same number (each rank restores its own data position)")
         print0(f"Resumed from {ckpt_dir} step {start_step}")
     header = dict(type="header", config=config.to_dict(), args=vars(args), commit=git_commit(), model_tag=model_tag,
                   total=params["total"], active_total=params["active_total"], params=params,
                   flops_per_token=flops_per_token, tokens_per_step=tokens_per_step, num_iterations=num_iterations,
                   world_size=world_size, device_type=device_type, data_dir=data_dir, entropy_floor=entropy_floor)
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), master, append=start_step > 0)
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), master, resume_step=start_step)
     if master:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json.tmp"), "w") as f:
@@ -356,7 +379,7 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
             sample()
         if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
             save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp,
-                            loader_state=consumed_state, meta=dict(step=step, config=config.to_dict(), val_bpb=val_bpb,
+                            loader_state=consumed_state, meta=dict(step=step, world_size=world_size, config=config.to_dict(), val_bpb=val_bpb,
                                                                    flops=flops_done, args=vars(args)))
         if last:
             break

@@ -12,7 +12,7 @@ the last); the last shard is validation and is only used to report compression.
 import os
 import argparse
 
-from nanochat.common import UserError, run_main, get_base_dir
+from nanochat.common import UserError, ArgumentParser, run_main, get_base_dir
 from nanochat.tokenizer import train_tokenizer, get_tokenizer_dir
 
 
@@ -28,7 +28,7 @@ def count(s):
 
 
 def main():
-    parser = argparse.ArgumentParser(prog="tok_train", description="Train a BPE tokenizer on a folder of parquet shards.")
+    parser = ArgumentParser(prog="tok_train", description="Train a BPE tokenizer on a folder of parquet shards.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", metavar="NAME", help="dataset name: shards in <base dir>/data/NAME")
     source.add_argument("--data-dir", metavar="PATH", help="folder of shard_*.parquet files (last one = validation)")

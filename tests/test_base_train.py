@@ -1,0 +1,313 @@
+"""End-to-end tests of scripts/base_train.py, run as subprocesses (as a user would):
+input validation, that tiny dense and MoE models learn, the metrics they write, 1 vs 2
+processes (torchrun), wandb offline logging, and exact resume from a checkpoint.
+
+All training runs share one NANOCHAT_BASE_DIR, prepared once (built-in corpus + tokenizer)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny model: width 128 (depth 2 x aspect 64), 2 heads of 64, vocab 1024, 512 tokens/step
+# = 2 micro-batches of 4 x 64 on one process.
+TINY = ["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "512",
+        "--eval-tokens", "1024", "--sample-every", "-1", "--vocab-size", "1024", "--synthetic-train-docs", "3000"]
+MOE = ["--use-moe", "--n-experts", "4"]
+V, D, L, T, N_HEAD, HEAD_DIM, TOKENS_PER_STEP = 1024, 128, 2, 64, 2, 64, 512
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def train_env(base_dir, extra=None):
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("WANDB_")}
+    env.update(NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.update(extra or {})
+    return env
+
+
+def run_train(base_dir, args, nproc=1, env=None, check=True, timeout=600):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "scripts.base_train", *args]
+    else:  # torchrun, through the running interpreter
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "scripts.base_train", *args]
+    p = subprocess.run(cmd, cwd=REPO, env=train_env(base_dir, env), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+        assert "Traceback" not in p.stderr, p.stderr[-4000:]
+    return p
+
+
+def read_metrics(base_dir, tag):
+    with open(Path(base_dir) / "runs" / tag / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def of_type(records, kind):
+    return [r for r in records if r["type"] == kind]
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    """One NANOCHAT_BASE_DIR for all training runs: the first tiny run builds the corpus and
+    trains the tokenizer."""
+    base = tmp_path_factory.mktemp("nanochat_base")
+    run_train(base, TINY + ["--num-iterations", "1", "--eval-every", "-1", "--model-tag", "prep"])
+    assert (base / "data" / "synthetic" / "entropy.json").exists()
+    assert (base / "tokenizers" / "synthetic" / "tokenizer.json").exists()
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Bad inputs: exit 2, one line naming the flag, before any data/model work
+
+BAD_INPUTS = [
+    pytest.param(MOE[:1] + ["--n-experts", "8", "--expert-topk", "9"], "--expert-topk", id="topk>experts"),
+    pytest.param(MOE[:1] + ["--n-experts", "0"], "--n-experts", id="zero-experts"),
+    pytest.param(MOE[:1] + ["--moe-freq", "0"], "--moe-freq", id="moe-freq-0"),
+    pytest.param(["--n-embd", "100", "--head-dim", "64"], "--head-dim", id="width-not-divisible"),
+    pytest.param(["--n-kv-head", "3"], "--n-kv-head", id="kv-heads-not-dividing"),
+    pytest.param(["--device-type", "tpu"], "--device-type", id="device-tpu"),
+    pytest.param(["--device-type", "cuda"], "--device-type", id="device-cuda-unavailable",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+    pytest.param(["--data", "nonexistent/path"], "--data", id="data-missing-path"),
+    pytest.param(["--data", "some_unknown_name"], "--data", id="data-unknown-name"),
+    pytest.param(["--total-batch-size", "500"], "--total-batch-size", id="batch-not-divisible"),
+    pytest.param(["--device-type", "cpu", "--fp8"], "--fp8", id="fp8-on-cpu"),
+    pytest.param(["--resume-from-step", "abc"], "--resume-from-step", id="resume-step-not-a-number"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD_INPUTS)
+def test_bad_input_fails_fast_with_one_line(tmp_path, args, flag):
+    base = tmp_path / "base"
+    base.mkdir()
+    p = run_train(base, TINY + ["--num-iterations", "2", "--model-tag", "bad"] + args, check=False, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("base_train: error: "), lines[0]
+    assert flag in lines[0], lines[0]
+    assert "Traceback" not in p.stderr
+    # nothing was built or prepared: no model summary, no data, tokenizer or run folder
+    assert "Total Parameters" not in p.stdout and "Preparing" not in p.stdout
+    assert os.listdir(base) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Tiny dense and MoE models learn; the metrics are consistent with the model
+
+def expected_counts(moe):
+    """Parameter counts from the architecture, independent of GPT.num_scaling_params."""
+    embed = 2 * V * D  # wte + lm_head (untied)
+    attn = 4 * D * D   # c_q, c_k, c_v, c_proj (no GQA here, no biases)
+    if not moe:
+        total = embed + L * (attn + 2 * 4 * D * D)
+        return total, total
+    E, k = 4, 2
+    hidden = round(4 / k * D)  # default expert-hidden-mult: iso-FLOPs with the dense MLP
+    experts = 2 * E * hidden * D
+    total = embed + L * (attn + E * D + experts)  # router: E x D
+    inactive = L * (E - k) * 2 * hidden * D
+    return total, total - inactive
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_tiny_model_learns_and_metrics_are_consistent(base_dir, kind):
+    tag = f"learn_{kind}"
+    steps = 30
+    p = run_train(base_dir, TINY + (MOE if kind == "moe" else []) +
+                  ["--num-iterations", str(steps), "--eval-every", "10", "--model-tag", tag])
+    assert "Total Parameters" in p.stdout
+    records = read_metrics(base_dir, tag)
+    header, trains, evals, summaries = (records[0], of_type(records, "train"), of_type(records, "eval"),
+                                        of_type(records, "summary"))
+    assert header["type"] == "header" and len(of_type(records, "header")) == 1
+    assert records[-1]["type"] == "summary" and len(summaries) == 1
+    summary = summaries[0]
+
+    # header: config, commit, counts and FLOPs as the architecture says
+    assert header["config"]["vocab_size"] == V and header["config"]["n_embd"] == D
+    assert header["config"]["use_moe"] is (kind == "moe")
+    assert isinstance(header["commit"], str) and header["commit"]
+    total, active = expected_counts(kind == "moe")
+    assert (header["total"], header["active_total"]) == (total, active)
+    if kind == "moe":
+        assert header["active_total"] < header["total"]
+    else:
+        assert header["active_total"] == header["total"]
+    fpt = 6 * (active - V * D) + 12 * L * N_HEAD * HEAD_DIM * T
+    assert header["flops_per_token"] == fpt
+    assert header["tokens_per_step"] == TOKENS_PER_STEP and header["num_iterations"] == steps
+    assert header["world_size"] == 1
+    with open(base_dir / "runs" / tag / "config.json") as f:
+        assert json.load(f) == header
+
+    # train records: one per step, FLOPs/tokens exact, loss starts at ln(V) and falls well below
+    assert [r["step"] for r in trains] == list(range(1, steps + 1))
+    for r in trains:
+        assert r["flops"] == r["step"] * fpt * TOKENS_PER_STEP
+        assert r["tokens"] == r["step"] * TOKENS_PER_STEP
+        assert math.isfinite(r["train_loss"])
+        assert ("balance_loss" in r) is (kind == "moe")
+    losses = [r["train_loss"] for r in trains]
+    assert abs(losses[0] - math.log(V)) < 0.05, losses[0]  # near-uniform logits at init
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    if kind == "moe":
+        # the router starts at zero: uniform probabilities give a Switch loss of exactly 1
+        assert abs(trains[0]["balance_loss"] - 1.0) < 1e-6
+        assert all(0.9 < r["balance_loss"] < 2.0 for r in trains), [r["balance_loss"] for r in trains]
+    # LR schedule (default warmdown 0.2): constant, then linear to 0 over the last 6 steps
+    expected_lrm = [1.0 if s <= steps - 6 else (steps - s) / 6 for s in range(steps)]
+    assert [r["lr_mult"] for r in trains] == pytest.approx(expected_lrm)
+
+    # eval records at 0, 10, 20, 30: bpb falls, and stays above the corpus's entropy floor
+    assert [r["step"] for r in evals] == [0, 10, 20, 30]
+    for r in evals:
+        assert r["flops"] == r["step"] * fpt * TOKENS_PER_STEP
+    bpbs = [r["val_bpb"] for r in evals]
+    assert bpbs[-1] < bpbs[0] - 0.5, bpbs
+    floor = header["entropy_floor"]
+    assert floor is not None and 0 < floor < min(bpbs)
+
+    # summary
+    assert summary["step"] == steps and summary["flops"] == steps * fpt * TOKENS_PER_STEP
+    assert summary["final_val_bpb"] == bpbs[-1] and summary["min_val_bpb"] == min(bpbs)
+    assert (summary["total"], summary["active_total"], summary["flops_per_token"]) == (total, active, fpt)
+    assert summary["entropy_floor"] == floor
+
+    # the final checkpoint is complete
+    d = base_dir / "runs" / tag / "checkpoints" / f"step_{steps:06d}"
+    assert sorted(os.listdir(d)) == ["loader_rank0.json", "meta.json", "model.safetensors", "optim.pt"]
+    with open(d / "meta.json") as f:
+        meta = json.load(f)
+    assert meta["step"] == steps and meta["val_bpb"] == bpbs[-1] and meta["config"] == header["config"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Two processes (torchrun, gloo) reproduce one process with twice the gradient accumulation
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_two_processes_match_one_process(base_dir):
+    args = TINY + MOE + ["--num-iterations", "6", "--eval-every", "3"]
+    run_train(base_dir, args + ["--model-tag", "ddp_one"])
+    p = run_train(base_dir, args + ["--model-tag", "ddp_two"], nproc=2)
+    assert "grad accum 1 x 2 process(es)" in p.stdout
+    one, two = read_metrics(base_dir, "ddp_one"), read_metrics(base_dir, "ddp_two")
+    assert one[0]["world_size"] == 1 and two[0]["world_size"] == 2
+    assert one[0]["total"] == two[0]["total"] and one[0]["flops_per_token"] == two[0]["flops_per_token"]
+
+    t1, t2 = of_type(one, "train"), of_type(two, "train")
+    assert [r["step"] for r in t1] == [r["step"] for r in t2] == list(range(1, 7))
+    for a, b in zip(t1, t2):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-5, (a["step"], a["train_loss"], b["train_loss"])
+        assert abs(a["balance_loss"] - b["balance_loss"]) < 1e-5, (a["step"], a["balance_loss"], b["balance_loss"])
+        assert a["flops"] == b["flops"] and a["tokens"] == b["tokens"]
+    e1, e2 = of_type(one, "eval"), of_type(two, "eval")
+    assert [r["step"] for r in e1] == [r["step"] for r in e2] == [0, 3, 6]
+    for a, b in zip(e1, e2):
+        assert abs(a["val_bpb"] - b["val_bpb"]) < 1e-5, (a, b)
+    assert abs(of_type(one, "summary")[0]["final_val_bpb"] - of_type(two, "summary")[0]["final_val_bpb"]) < 1e-5
+
+    # each rank saved its loader position; the weights agree
+    d1 = base_dir / "runs" / "ddp_one" / "checkpoints" / "step_000006"
+    d2 = base_dir / "runs" / "ddp_two" / "checkpoints" / "step_000006"
+    assert (d2 / "loader_rank0.json").exists() and (d2 / "loader_rank1.json").exists()
+    w1, w2 = load_file(str(d1 / "model.safetensors")), load_file(str(d2 / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0), k
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. wandb: offline logging with --run NAME, nothing at all with --run dummy
+
+def wandb_env(root):
+    dirs = {"WANDB_DIR": root / "dir", "WANDB_CONFIG_DIR": root / "config", "WANDB_CACHE_DIR": root / "cache",
+            "WANDB_DATA_DIR": root / "data", "WANDB_ARTIFACT_DIR": root / "artifacts"}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    return {k: str(v) for k, v in dirs.items()} | {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def test_wandb_offline_run_is_logged(base_dir, tmp_path):
+    pytest.importorskip("wandb")
+    env = wandb_env(tmp_path)
+    run_train(base_dir, TINY + ["--num-iterations", "2", "--eval-every", "-1", "--run", "testrun",
+                                "--model-tag", "wandb_on"], env=env)
+    runs = sorted((tmp_path / "dir" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, os.listdir(tmp_path / "dir")
+    logs = list(runs[0].glob("run-*.wandb"))
+    assert len(logs) == 1
+    data = logs[0].read_bytes()
+    for key in (b"testrun", b"train/loss", b"val/bpb", b"flops_per_token"):
+        assert key in data, key
+
+
+def test_wandb_dummy_run_creates_nothing(base_dir, tmp_path):
+    env = wandb_env(tmp_path)
+    run_train(base_dir, TINY + ["--num-iterations", "2", "--eval-every", "-1", "--run", "dummy",
+                                "--model-tag", "wandb_off"], env=env)
+    for d in tmp_path.iterdir():
+        assert list(d.iterdir()) == [], d
+    assert (base_dir / "runs" / "wandb_off" / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Resume: continuing from step 3 gives exactly the uninterrupted run
+
+def test_resume_reproduces_the_uninterrupted_run(base_dir):
+    tag = "resume"
+    args = TINY + MOE + ["--num-iterations", "6", "--eval-every", "-1", "--save-every", "3", "--model-tag", tag]
+    run_train(base_dir, args)
+    ckpts = base_dir / "runs" / tag / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["step_000003", "step_000006"]
+    full = read_metrics(base_dir, tag)
+    full_weights = load_file(str(ckpts / "step_000006" / "model.safetensors"))
+    with open(ckpts / "step_000003" / "loader_rank0.json") as f:
+        assert json.load(f)["batch"] == 3 * 2  # 3 steps x 2 micro-batches consumed
+
+    p = run_train(base_dir, args + ["--resume-from-step", "3"])
+    assert "Resumed from" in p.stdout and "step 3" in p.stdout
+    records = read_metrics(base_dir, tag)
+    # Records the resumed run writes again are cut, so every step appears exactly once and the
+    # file equals the uninterrupted run's record for record (timings aside).
+    assert len(of_type(records, "header")) == 1 and len(of_type(records, "summary")) == 1
+    assert [r["step"] for r in of_type(records, "train")] == [1, 2, 3, 4, 5, 6]
+    resumed = [r for r in records if r.get("step", 0) > 3 or r["type"] == "summary"]
+    r_train, f_train = of_type(resumed, "train"), of_type(full, "train")
+    assert [r["step"] for r in r_train] == [4, 5, 6]
+    for r, f in zip(r_train, f_train[3:]):
+        assert r["step"] == f["step"] and r["flops"] == f["flops"] and r["tokens"] == f["tokens"]
+        assert r["train_loss"] == f["train_loss"], (r["step"], r["train_loss"], f["train_loss"])
+        assert r["balance_loss"] == f["balance_loss"], (r["step"], r["balance_loss"], f["balance_loss"])
+    assert of_type(resumed, "eval")[-1]["val_bpb"] == of_type(full, "eval")[-1]["val_bpb"]
+    assert of_type(resumed, "summary")[0]["final_val_bpb"] == of_type(full, "summary")[0]["final_val_bpb"]
+
+    resumed_weights = load_file(str(ckpts / "step_000006" / "model.safetensors"))
+    for k in full_weights:
+        assert torch.equal(full_weights[k], resumed_weights[k]), k
+
+
+def test_resume_errors_are_one_line(base_dir):
+    args = TINY + MOE + ["--num-iterations", "6", "--eval-every", "-1"]
+    p = run_train(base_dir, args + ["--model-tag", "no_such_run", "--resume-from-step", "latest"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "no complete checkpoint" in p.stderr
+    # a checkpoint of another model shape (8 experts instead of 4): clear error, no traceback
+    run_train(base_dir, TINY + ["--use-moe", "--n-experts", "8", "--num-iterations", "1", "--eval-every", "-1",
+                                "--model-tag", "shape8"])
+    p = run_train(base_dir, args + ["--model-tag", "shape8", "--resume-from-step", "1"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    line = p.stderr.strip()
+    assert "\n" not in line and "model.safetensors" in line and "size mismatch" in line

@@ -1,0 +1,267 @@
+"""Tests for nanochat/checkpoint.py: exact round trip of weights, optimizer states and loader
+state; meta.json as the completion marker; clear errors on corrupted or unsafe files."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import nanochat.checkpoint as ckpt
+from nanochat.checkpoint import find_latest_step, load_checkpoint, save_checkpoint
+from nanochat.common import UserError
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.optim import setup_optimizers
+
+CONFIG = dict(sequence_len=16, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+              use_moe=True, n_experts=4, expert_topk=2, moe_freq=2, expert_hidden_mult=2)
+LOADER_STATE = {"epoch": 1, "shard": 0, "row_group": 3, "offset": 1234, "batch": 57}
+
+
+def make(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = build_model(GPTConfig(**{**CONFIG, **overrides}), "cpu")
+    return model, setup_optimizers(model)
+
+
+def train_steps(model, optimizers, n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randint(0, CONFIG["vocab_size"], (2, 16), generator=g)
+        y = torch.randint(0, CONFIG["vocab_size"], (2, 16), generator=g)
+        ce, bal = model(x, y)
+        (ce + 0.01 * bal).backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+
+
+def save(ckpt_dir, step, model, optimizers, loader_state=LOADER_STATE, **meta):
+    save_checkpoint(str(ckpt_dir), step, model, optimizers, rank=0, ddp=False, loader_state=loader_state,
+                    meta=dict(step=step, **meta))
+
+
+def assert_same(a, b, path="state"):
+    """Deep, exact equality of (nested) optimizer states: tensors bitwise, the rest by ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+@pytest.fixture
+def trained(tmp_path):
+    model, optimizers = make(seed=0)
+    train_steps(model, optimizers)
+    ckpt_dir = tmp_path / "checkpoints"
+    save(ckpt_dir, 7, model, optimizers, val_bpb=1.25, config=model.config.to_dict())
+    return model, optimizers, ckpt_dir
+
+
+def test_round_trip_restores_weights_optimizer_and_loader_state(trained):
+    model, optimizers, ckpt_dir = trained
+    d = ckpt_dir / "step_000007"
+    assert sorted(os.listdir(d)) == ["loader_rank0.json", "meta.json", "model.safetensors", "optim.pt"]
+
+    fresh, fresh_opts = make(seed=123)  # different init, empty optimizer states
+    assert not torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
+    assert all(len(o.state) == 0 for o in fresh_opts)
+    meta = load_checkpoint(str(ckpt_dir), 7, fresh, fresh_opts, rank=0, device=torch.device("cpu"))
+
+    assert meta["step"] == 7 and meta["val_bpb"] == 1.25 and meta["config"] == model.config.to_dict()
+    assert meta["loader_state"] == LOADER_STATE
+    sd, fresh_sd = model.state_dict(), fresh.state_dict()
+    assert sd.keys() == fresh_sd.keys()
+    for k in sd:
+        assert torch.equal(sd[k], fresh_sd[k]), k
+    assert len(optimizers) == len(fresh_opts) == 2
+    for opt, fresh_opt in zip(optimizers, fresh_opts):
+        assert_same(opt.state_dict(), fresh_opt.state_dict())
+        assert len(fresh_opt.state) > 0
+    # the restored states live on the parameters of the new model (AdamW exp_avg, Muon momentum)
+    adamw, muon = fresh_opts
+    assert torch.equal(adamw.state[fresh.lm_head.weight]["exp_avg"], optimizers[0].state[model.lm_head.weight]["exp_avg"])
+    w = fresh.transformer.h[1].mlp.w_fc
+    assert torch.equal(muon.state[w]["momentum_buffer"], optimizers[1].state[model.transformer.h[1].mlp.w_fc]["momentum_buffer"])
+
+    # ... and continuing training from either gives bitwise the same result
+    train_steps(model, optimizers, n=2, seed=9)
+    train_steps(fresh, fresh_opts, n=2, seed=9)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+
+
+def test_load_without_optimizers_loads_weights_only(trained):
+    model, _, ckpt_dir = trained
+    fresh, fresh_opts = make(seed=5)
+    meta = load_checkpoint(str(ckpt_dir), 7, fresh, None, rank=0, device="cpu")
+    assert meta["loader_state"] == LOADER_STATE
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    assert all(len(o.state) == 0 for o in fresh_opts)
+
+
+def test_meta_json_is_written_last_and_all_writes_are_atomic(tmp_path, monkeypatch):
+    model, optimizers = make()
+    replaced = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        assert str(src) == str(dst) + ".tmp"  # every file lands via tmp + rename
+        replaced.append(os.path.basename(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", spy)
+    save(tmp_path, 3, model, optimizers)
+    assert sorted(replaced) == ["loader_rank0.json", "meta.json", "model.safetensors", "optim.pt"]
+    assert replaced[-1] == "meta.json"
+    assert not [f for f in os.listdir(tmp_path / "step_000003") if f.endswith(".tmp")]
+
+
+def test_find_latest_step_picks_max_complete_step(tmp_path):
+    model, optimizers = make()
+    for step in (5, 20, 100):
+        save(tmp_path, step, model, optimizers)
+    assert find_latest_step(str(tmp_path)) == 100
+    os.remove(tmp_path / "step_000100" / "meta.json")  # as if the save of step 100 crashed before meta.json
+    assert find_latest_step(str(tmp_path)) == 20
+    (tmp_path / "step_000200").mkdir()  # an empty step folder from a crash right after mkdir
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert find_latest_step(str(tmp_path)) == 20
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        load_checkpoint(str(tmp_path), 100, model, optimizers, rank=0, device="cpu")
+
+
+def test_crash_mid_save_leaves_previous_checkpoint_latest(tmp_path, monkeypatch):
+    model, optimizers = make()
+    save(tmp_path, 10, model, optimizers)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", boom)  # fails after model.safetensors is written
+    with pytest.raises(OSError, match="disk full"):
+        save(tmp_path, 20, model, optimizers)
+    monkeypatch.undo()
+    assert os.path.exists(tmp_path / "step_000020" / "model.safetensors")
+    assert not os.path.exists(tmp_path / "step_000020" / "meta.json")
+    assert find_latest_step(str(tmp_path)) == 10
+    fresh, fresh_opts = make(seed=3)
+    assert load_checkpoint(str(tmp_path), find_latest_step(str(tmp_path)), fresh, fresh_opts, 0, "cpu")["step"] == 10
+
+
+def test_find_latest_step_without_checkpoints_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        find_latest_step(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        find_latest_step(str(tmp_path))
+
+
+@pytest.mark.parametrize("corruption", ["garbage", "truncated", "empty", "missing"])
+def test_corrupted_weights_give_user_error_naming_the_file(trained, corruption):
+    _, _, ckpt_dir = trained
+    path = ckpt_dir / "step_000007" / "model.safetensors"
+    data = path.read_bytes()
+    if corruption == "garbage":
+        path.write_bytes(b"\x00\xffnot a safetensors file" * 50)
+    elif corruption == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif corruption == "empty":
+        path.write_bytes(b"")
+    else:
+        path.unlink()
+    fresh, fresh_opts = make(seed=1)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(str(ckpt_dir), 7, fresh, fresh_opts, rank=0, device="cpu")
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_weights_of_another_model_shape_give_user_error(trained):
+    _, _, ckpt_dir = trained
+    other, other_opts = make(n_experts=8)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(str(ckpt_dir), 7, other, other_opts, rank=0, device="cpu")
+    msg = str(e.value)
+    assert "model.safetensors" in msg and "size mismatch" in msg and "\n" not in msg
+
+
+def test_weights_with_missing_tensor_give_user_error(trained):
+    model, _, ckpt_dir = trained
+    path = ckpt_dir / "step_000007" / "model.safetensors"
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(path))
+    with pytest.raises(UserError, match="lm_head.weight"):
+        load_checkpoint(str(ckpt_dir), 7, *make(seed=2), rank=0, device="cpu")
+
+
+def test_corrupted_meta_json_gives_user_error(trained):
+    _, _, ckpt_dir = trained
+    meta = ckpt_dir / "step_000007" / "meta.json"
+    meta.write_text('{"step": 7, ')
+    with pytest.raises(UserError, match="meta.json"):
+        load_checkpoint(str(ckpt_dir), 7, *make(), rank=0, device="cpu")
+
+
+def test_missing_loader_state_of_this_rank_gives_user_error(trained):
+    """e.g. resuming a 1-process checkpoint under 2 processes: rank 1 has no loader file."""
+    _, _, ckpt_dir = trained
+    with pytest.raises(UserError, match="loader_rank1.json"):
+        load_checkpoint(str(ckpt_dir), 7, *make(), rank=1, device="cpu")
+
+
+class Exploit:
+    """Runs a shell command when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_optimizer_file_that_runs_code_on_unpickle_is_refused(trained, tmp_path, writer):
+    _, optimizers, ckpt_dir = trained
+    optim_path = ckpt_dir / "step_000007" / "optim.pt"
+    marker = tmp_path / f"pwned_{writer.replace('.', '_')}"
+    payload = [Exploit(marker)] + [o.state_dict() for o in optimizers]
+    if writer == "torch.save":
+        torch.save(payload, str(optim_path))
+    else:
+        with open(optim_path, "wb") as f:
+            pickle.dump(payload, f)
+
+    fresh, fresh_opts = make(seed=4)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(str(ckpt_dir), 7, fresh, fresh_opts, rank=0, device="cpu")
+    assert str(optim_path) in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists(), "unpickling the optimizer file ran code"
+    assert all(len(o.state) == 0 for o in fresh_opts)
+
+    # the payload is real: an unsafe load would have run it (proves the test is not vacuous)
+    if writer == "torch.save":
+        torch.load(str(optim_path), weights_only=False)
+    else:
+        with open(optim_path, "rb") as f:
+            pickle.load(f)
+    assert marker.exists()
+
+
+def test_loader_state_json_round_trip_is_exact(tmp_path):
+    model, optimizers = make()
+    state = {"epoch": 0, "shard": 2, "row_group": 0, "offset": 0, "batch": 0}
+    save(tmp_path, 1, model, optimizers, loader_state=state)
+    with open(tmp_path / "step_000001" / "loader_rank0.json") as f:
+        assert json.load(f) == state
+    assert load_checkpoint(str(tmp_path), 1, *make(), rank=0, device="cpu")["loader_state"] == state

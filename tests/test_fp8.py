@@ -1,0 +1,114 @@
+"""Tests for nanochat/fp8.py that run on CPU: which modules the FP8 filter converts, the
+fail-fast check, and that torchao is never imported unless --fp8 asks for it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nanochat.common import UserError
+from nanochat.fp8 import check_fp8_supported, fp8_module_filter
+from nanochat.gpt import GPTConfig, build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_filter_converts_plain_linear_with_dims_divisible_by_16():
+    assert fp8_module_filter(nn.Linear(64, 128, bias=False), "transformer.h.0.attn.c_q") is True
+    assert fp8_module_filter(nn.Linear(64, 128), "lm_head") is True
+
+
+@pytest.mark.parametrize("in_f,out_f", [(60, 128), (64, 100), (8, 8), (64, 4)])
+def test_filter_skips_linear_with_dims_not_divisible_by_16(in_f, out_f):
+    assert fp8_module_filter(nn.Linear(in_f, out_f), "transformer.h.0.mlp.c_fc") is False
+
+
+@pytest.mark.parametrize("fqn", ["transformer.h.3.mlp.router", "router", "transformer.h.0.mlp.experts.1",
+                                 "transformer.h.0.mlp.w_fc", "transformer.h.0.mlp.w_proj"])
+def test_filter_skips_router_and_experts_even_when_divisible(fqn):
+    assert fp8_module_filter(nn.Linear(64, 16), fqn) is False
+
+
+@pytest.mark.parametrize("module", [nn.Embedding(128, 64), nn.LayerNorm(64), nn.Sequential(nn.Linear(64, 64)),
+                                    nn.Conv1d(64, 64, 1)])
+def test_filter_skips_non_linear_modules(module):
+    assert fp8_module_filter(module, "transformer.h.0.mlp") is False
+
+
+def _expected_fp8(name, module, model):
+    """Independent statement of the policy for the GPT below: exactly attention c_q/c_k/c_v/
+    c_proj, dense MLP c_fc/c_proj and lm_head (all have dims divisible by 16 here)."""
+    if name == "lm_head":
+        return True
+    parts = name.split(".")
+    if len(parts) == 5 and parts[:2] == ["transformer", "h"]:
+        block = model.transformer.h[int(parts[2])]
+        if parts[3] == "attn":
+            return parts[4] in ("c_q", "c_k", "c_v", "c_proj")
+        if parts[3] == "mlp" and not block.is_moe:
+            return parts[4] in ("c_fc", "c_proj")
+    return False
+
+
+def test_filter_on_a_moe_gpt_selects_exactly_the_dense_linears():
+    # n_experts=16 makes the router a Linear(64, 16): divisible by 16, so only the router rule
+    # can keep it out. moe_freq=2: layers 1 and 3 are MoE, 0 and 2 dense.
+    config = GPTConfig(sequence_len=32, vocab_size=512, n_layer=4, n_head=2, n_kv_head=1, n_embd=64,
+                       use_moe=True, n_experts=16, expert_topk=2, moe_freq=2, expert_hidden_mult=2)
+    model = build_model(config, "cpu")
+    modules = dict(model.named_modules())
+    decisions = {name: fp8_module_filter(mod, name) for name, mod in modules.items()}
+    for name, mod in modules.items():
+        assert decisions[name] == _expected_fp8(name, mod, model), name
+    routers = [n for n in modules if n.endswith("mlp.router")]
+    assert routers == ["transformer.h.1.mlp.router", "transformer.h.3.mlp.router"]
+    assert all(isinstance(modules[r], nn.Linear) and modules[r].out_features == 16 for r in routers)
+    assert not any(decisions[r] for r in routers)
+    assert not decisions["transformer.wte"] and not decisions["transformer.h.1.mlp"]
+    converted = sorted(n for n, v in decisions.items() if v)
+    assert len(converted) == 4 * 4 + 2 * 2 + 1  # 4 attention linears per layer, 2 dense MLPs, lm_head
+    # the expert weights are stacked parameters, not modules: nothing to convert there
+    assert all(isinstance(model.transformer.h[i].mlp.w_fc, nn.Parameter) for i in (1, 3))
+
+
+def test_filter_skips_a_model_width_not_divisible_by_16():
+    config = GPTConfig(sequence_len=16, vocab_size=256, n_layer=1, n_head=2, n_kv_head=2, n_embd=40)
+    model = build_model(config, "cpu")
+    assert not any(fp8_module_filter(m, n) for n, m in model.named_modules())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.parametrize("device_type", ["cpu", "mps", "cuda"])
+def test_check_fp8_supported_refuses_without_a_cuda_gpu(device_type):
+    with pytest.raises(UserError) as e:
+        check_fp8_supported(device_type)
+    msg = str(e.value)
+    assert "--fp8" in msg and "CUDA" in msg and device_type in msg
+    assert "\n" not in msg
+
+
+def test_importing_fp8_does_not_import_torchao():
+    code = ("import sys, nanochat.fp8; from nanochat.fp8 import fp8_module_filter, check_fp8_supported; "
+            "print(sorted(m for m in sys.modules if m == 'torchao' or m.startswith('torchao.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_convert_to_fp8_swaps_exactly_the_filtered_layers():
+    """Module swap only (no FP8 forward on CPU); needs the optional torchao."""
+    pytest.importorskip("torchao.float8")
+    from nanochat.fp8 import convert_to_fp8
+    config = GPTConfig(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                       use_moe=True, n_experts=16, expert_topk=2, moe_freq=2, expert_hidden_mult=2)
+    model = build_model(config, "cpu")
+    expected = [n for n, m in model.named_modules() if fp8_module_filter(m, n)]
+    converted = convert_to_fp8(model)
+    assert converted == expected
+    modules = dict(model.named_modules())
+    for name in expected:
+        assert type(modules[name]).__name__ == "Float8Linear", name
+    assert type(modules["transformer.h.1.mlp.router"]) is nn.Linear

@@ -1,0 +1,127 @@
+"""GPT: shapes, dense path, parameter and FLOPs accounting against hand counts, iso-FLOPs."""
+
+import math
+
+import pytest
+import torch
+
+from nanochat.gpt import GPTConfig, MLP, build_model, describe_params
+from nanochat.moe import MoE
+
+
+def dense_cfg(**kw):
+    return GPTConfig(**{**dict(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64), **kw})
+
+
+def moe_cfg(**kw):
+    return GPTConfig(**{**dict(sequence_len=32, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
+                               use_moe=True, n_experts=8, expert_topk=2, moe_freq=2, expert_hidden_mult=2), **kw})
+
+
+def test_shapes_and_losses():
+    model = build_model(moe_cfg(), "cpu")
+    idx = torch.randint(0, 512, (3, 32))
+    logits = model(idx)
+    assert logits.shape == (3, 32, 512) and logits.dtype == torch.float32
+    assert logits.abs().max() < 15.0  # softcap
+    loss, balance = model(idx, idx)
+    assert loss.shape == () and balance.shape == ()
+    per_token, _ = model(idx, idx, loss_reduction="none")
+    assert per_token.shape == (3, 32)
+    assert per_token.mean().item() == pytest.approx(loss.item(), rel=1e-5)
+    # at init the lm_head is tiny, so the loss is ~ln(vocab)
+    assert loss.item() == pytest.approx(math.log(512), abs=0.05)
+    # ignore_index=-1 drops targets
+    targets = idx.clone()
+    targets[:, :16] = -1
+    masked, _ = model(idx, targets)
+    assert masked.item() == pytest.approx(per_token[:, 16:].mean().item(), rel=1e-5)
+
+
+def test_dense_path_has_no_moe():
+    model = build_model(dense_cfg(), "cpu")
+    assert all(isinstance(b.mlp, MLP) and not b.is_moe for b in model.transformer.h)
+    loss, balance = model(torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16)))
+    assert balance.item() == 0.0
+    assert "Active = Total (Dense model)" in describe_params(model)
+
+
+def test_moe_freq_selects_layers():
+    model = build_model(moe_cfg(n_layer=6, moe_freq=3), "cpu")
+    assert [b.is_moe for b in model.transformer.h] == [False, False, True, False, False, True]
+    model = build_model(moe_cfg(n_layer=3, moe_freq=1), "cpu")
+    assert all(isinstance(b.mlp, MoE) for b in model.transformer.h)
+
+
+def test_accounting_dense_hand_count():
+    model = build_model(dense_cfg(), "cpu")
+    c = model.num_scaling_params()
+    # wte 512*64, lm_head 512*64, attn 2 layers x 4 * 64*64, mlp 2 layers x 2 * 64*256
+    assert c["wte"] == 32768 and c["lm_head"] == 32768
+    assert c["attn"] == 32768 and c["mlp"] == 65536
+    assert c["total"] == 163840 == sum(p.numel() for p in model.parameters())
+    assert c["moe_inactive"] == 0 and c["active_total"] == 163840
+    # 6 * (163840 - 32768) + 12 * L * H * head_dim * T = 786432 + 12*2*2*32*32
+    assert model.estimate_flops() == 835584
+
+
+def test_accounting_moe_hand_count():
+    model = build_model(moe_cfg(), "cpu")
+    c = model.num_scaling_params()
+    # attn with GQA (4 q heads, 2 kv heads of 16): 4096 + 2048 + 2048 + 4096 per layer, 4 layers
+    assert c["attn"] == 49152
+    # layers 1, 3 are MoE; 0, 2 dense MLPs of 2 * 64*256
+    assert c["mlp"] == 65536
+    # each MoE layer: 8 experts x (64*128 + 128*64) = 131072, router 8*64
+    assert c["experts"] == 262144 and c["router"] == 1024
+    assert c["total"] == 443392 == sum(p.numel() for p in model.parameters())
+    # idle per token: 2 layers x 6 experts x 16384
+    assert c["moe_inactive"] == 196608
+    assert c["active_total"] == 246784
+    # 6 * (246784 - 32768) + 12 * 4 * 4 * 16 * 32
+    assert model.estimate_flops() == 1382400
+    text = describe_params(model)
+    assert "top-2 of 8 experts" in text and "(12 experts idle)" in text
+    assert "2 MoE + 2 dense" in text
+
+
+def test_iso_flops_dense_vs_top2_mult2_differ_by_router_only():
+    dense = build_model(dense_cfg(n_layer=4), "cpu")
+    moe = build_model(dense_cfg(n_layer=4, use_moe=True, n_experts=8, expert_topk=2, expert_hidden_mult=2), "cpu")
+    router_term = 6 * 4 * 8 * 64  # 6 FLOPs x (n_experts x d) router weights x 4 MoE layers
+    assert moe.estimate_flops() - dense.estimate_flops() == router_term
+    assert moe.num_scaling_params()["active_total"] - dense.num_scaling_params()["active_total"] == 4 * 8 * 64
+
+
+def test_init_blocks_are_identity_and_router_uniform():
+    model = build_model(moe_cfg(), "cpu")
+    for block in model.transformer.h:
+        assert block.attn.c_proj.weight.abs().sum() == 0
+        if block.is_moe:
+            assert block.mlp.router.weight.abs().sum() == 0 and block.mlp.w_proj.abs().sum() == 0
+            assert block.mlp.w_fc.std().item() == pytest.approx(64**-0.5, rel=0.1)
+
+
+def test_rotary_and_attention_are_causal():
+    model = build_model(dense_cfg(), "cpu")
+    torch.manual_seed(0)
+    for p in model.parameters():  # make every block non-trivial
+        torch.nn.init.normal_(p, std=0.2)
+    idx = torch.randint(0, 512, (1, 20))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 512
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[0, :10], b[0, :10], atol=1e-5)
+    assert not torch.allclose(a[0, 10:], b[0, 10:], atol=1e-3)
+
+
+def test_generate_greedy_matches_argmax_of_forward():
+    model = build_model(dense_cfg(), "cpu")
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    prompt = [1, 2, 3]
+    out = list(model.generate(prompt, max_tokens=4))
+    ids = list(prompt)
+    for _ in range(4):
+        ids.append(int(model(torch.tensor([ids])).argmax(-1)[0, -1]))
+    assert out == ids[3:]

@@ -1,0 +1,175 @@
+"""MoE: router, dispatch, grouped experts and combine, checked against the per-expert loop."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.gpt import GPTConfig
+from nanochat.moe import (MoE, route, dispatch, switch_balance_loss, grouped_linear, naive_moe_forward,
+                          expert_hidden_dim)
+
+
+def make_moe(d=32, n_experts=4, topk=2, mult=2, seed=0):
+    torch.manual_seed(seed)
+    moe = MoE(GPTConfig(n_embd=d, n_head=2, n_kv_head=2, use_moe=True, n_experts=n_experts,
+                        expert_topk=topk, expert_hidden_mult=mult))
+    # Random (non-zero) weights everywhere, so every path carries signal.
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    torch.nn.init.normal_(moe.w_fc, std=d**-0.5)
+    torch.nn.init.normal_(moe.w_proj, std=0.1)
+    return moe
+
+
+def test_route_matches_softmax_topk():
+    torch.manual_seed(0)
+    x, gate = torch.randn(50, 16), torch.randn(6, 16)
+    weights, ids, probs = route(x, gate, 3)
+    ref_probs = torch.softmax(x @ gate.T, dim=-1)
+    assert torch.allclose(probs, ref_probs, atol=1e-6)
+    for t in range(50):
+        top = sorted(range(6), key=lambda e: -ref_probs[t, e].item())[:3]
+        assert sorted(ids[t].tolist()) == sorted(top)
+        expected = ref_probs[t, ids[t]] / ref_probs[t, ids[t]].sum()
+        assert torch.allclose(weights[t], expected, atol=1e-6)
+    assert torch.allclose(weights.sum(-1), torch.ones(50), atol=1e-6)
+
+
+def test_top1_weight_is_raw_probability():
+    torch.manual_seed(0)
+    x, gate = torch.randn(20, 8), torch.randn(4, 8)
+    weights, ids, probs = route(x, gate, 1)
+    assert torch.allclose(weights[:, 0], probs.gather(1, ids)[:, 0])
+
+
+def test_dispatch_groups_each_assignment_once():
+    torch.manual_seed(0)
+    ids = torch.stack([torch.randperm(5)[:2] for _ in range(37)])  # (37, 2), distinct per token
+    order, token_ids, offsets = dispatch(ids, 5)
+    flat = ids.flatten()
+    assert sorted(order.tolist()) == list(range(74))                  # a permutation
+    assert (torch.diff(flat[order]) >= 0).all()                         # grouped by expert
+    assert torch.equal(token_ids, order // 2)
+    counts = [int((flat == e).sum()) for e in range(5)]
+    assert offsets.tolist() == list(torch.tensor(counts).cumsum(0))
+    assert offsets.dtype == torch.int32
+    # every token appears exactly k times
+    assert torch.bincount(token_ids, minlength=37).tolist() == [2] * 37
+
+
+@pytest.mark.parametrize("d,n_experts,topk,mult", [(32, 4, 2, 2), (32, 8, 1, 4), (16, 8, 8, 0.5), (6, 3, 2, 1)])
+def test_moe_matches_reference_loop_forward_and_backward(d, n_experts, topk, mult):
+    # (6, 3, 2, 1): width 6 fp32 is not 16-byte aligned -> exercises the slice-loop fallback.
+    moe = make_moe(d, n_experts, topk, mult)
+    x = torch.randn(3, 11, d, requires_grad=True)
+    y, _ = moe(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in (moe.router.weight, moe.w_fc, moe.w_proj)]
+
+    x2 = x.detach().clone().requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in (moe.router.weight, moe.w_fc, moe.w_proj)]
+    ref = naive_moe_forward(x2.view(-1, d), *params, topk).view_as(y)
+    (ref * g).sum().backward()
+    assert torch.allclose(y, ref, atol=1e-5, rtol=1e-4)
+    for got, want in zip(grads, [x2.grad] + [p.grad for p in params]):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_reach_selected_experts_and_router_only():
+    moe = make_moe(d=32, n_experts=8, topk=2)
+    x = torch.randn(1, 5, 32)  # few tokens: some experts are not selected
+    y, _ = moe(x)
+    (y * torch.randn_like(y)).sum().backward()
+    _, ids, _ = route(x.view(-1, 32), moe.router.weight, 2)
+    selected = set(ids.flatten().tolist())
+    assert len(selected) < 8
+    for e in range(8):
+        got_grad = moe.w_fc.grad[e].abs().sum() > 0 and moe.w_proj.grad[e].abs().sum() > 0
+        assert got_grad == (e in selected), f"expert {e}"
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+def test_experts_with_no_tokens_are_fine():
+    moe = make_moe(d=32, n_experts=6, topk=2)
+    with torch.no_grad():  # make experts 0 and 1 win every token by a wide margin
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 50.0
+        moe.router.weight[1, 0] = 40.0
+    x = torch.randn(2, 9, 32)
+    x[..., 0] = x[..., 0].abs() + 1.0
+    y, balance = moe(x)
+    _, ids, _ = route(x.view(-1, 32), moe.router.weight, 2)
+    assert set(ids.flatten().tolist()) == {0, 1}
+    ref = naive_moe_forward(x.view(-1, 32), moe.router.weight, moe.w_fc, moe.w_proj, 2)
+    assert torch.allclose(y.view(-1, 32), ref, atol=1e-5)
+    y.sum().backward()
+    assert moe.w_fc.grad[2:].abs().sum() == 0 and moe.w_proj.grad[2:].abs().sum() == 0
+    assert torch.isfinite(moe.w_fc.grad).all()
+    # all assignments on 2 of 6 experts: f = (1/2, 1/2, 0, 0, 0, 0) -> loss = 6 * (P0 + P1) / 2 ~ 3
+    assert balance.item() == pytest.approx(3.0, abs=1e-3)
+
+
+def test_balance_loss_uniform_router_is_one():
+    # Gate at zero (its init): P_i = 1/E for every token, so N * sum f_i / N = sum f_i = 1
+    # whatever the (tie-broken) top-k picked.
+    moe = MoE(GPTConfig(n_embd=16, n_head=1, n_kv_head=1, use_moe=True, n_experts=8, expert_topk=2, expert_hidden_mult=2))
+    torch.nn.init.zeros_(moe.router.weight)
+    torch.nn.init.normal_(moe.w_fc)
+    torch.nn.init.zeros_(moe.w_proj)
+    _, balance = moe(torch.randn(2, 7, 16))
+    assert balance.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_balance_loss_hand_computed():
+    # 2 tokens, 3 experts, top-1.
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1]])
+    ids = torch.tensor([[0], [1]])
+    # f = (1/2, 1/2, 0), P = (0.55, 0.35, 0.10) -> 3 * (0.275 + 0.175) = 1.35
+    assert switch_balance_loss(probs, ids, 3).item() == pytest.approx(1.35, abs=1e-6)
+    # top-2 on the same probs: ids (0,1) and (1,0): f = (1/2, 1/2, 0) again
+    assert switch_balance_loss(probs, torch.tensor([[0, 1], [1, 0]]), 3).item() == pytest.approx(1.35, abs=1e-6)
+    # perfectly balanced routing with matching probabilities reaches the minimum, 1
+    uniform = torch.full((4, 4), 0.25)
+    assert switch_balance_loss(uniform, torch.tensor([[0], [1], [2], [3]]), 4).item() == pytest.approx(1.0)
+
+
+def test_balance_loss_gradient_pushes_away_from_overloaded_expert():
+    logits = torch.zeros(4, 3, requires_grad=True)
+    probs = torch.softmax(logits, -1)
+    loss = switch_balance_loss(probs, torch.tensor([[0], [0], [0], [1]]), 3)
+    loss.backward()
+    # dL/dlogit_j = (N/T) * P_j (f_j - sum_i f_i P_i): overloaded expert 0 gets a positive gradient
+    assert (logits.grad[:, 0] > 0).all() and (logits.grad[:, 2] < 0).all()
+
+
+def test_grouped_linear_fallback_equals_grouped_mm():
+    torch.manual_seed(0)
+    x, w = torch.randn(20, 16), torch.randn(3, 8, 16)
+    offsets = torch.tensor([5, 5, 20], dtype=torch.int32)
+    fast = grouped_linear(x, w, offsets)
+    ref = torch.cat([x[:5] @ w[0].T, x[5:5] @ w[1].T, x[5:] @ w[2].T])
+    assert torch.allclose(fast, ref, atol=1e-5)
+    # unaligned width (fp32 row stride 12 bytes) takes the slice loop and gives the same math
+    x6, w6 = x[:, :3].contiguous(), w[:, :, :3].contiguous()
+    ref6 = torch.cat([x6[:5] @ w6[0].T, x6[5:] @ w6[2].T])
+    assert torch.allclose(grouped_linear(x6, w6, offsets), ref6, atol=1e-5)
+
+
+def test_expert_hidden_dim_allows_fractions():
+    cfg = GPTConfig(n_embd=64, use_moe=True, expert_hidden_mult=0.5)
+    assert expert_hidden_dim(cfg) == 32
+    assert expert_hidden_dim(GPTConfig(n_embd=64, use_moe=True, expert_hidden_mult=2)) == 128
+
+
+def test_moe_iso_flops_output_scale_matches_dense_mlp_at_init():
+    # With uniform routing and renormalised top-k weights, the MoE output is a convex
+    # combination of expert outputs: its scale stays that of one MLP (not k times it).
+    moe = make_moe(d=32, n_experts=4, topk=2)
+    x = torch.randn(4, 8, 32)
+    y, _ = moe(x)
+    per_expert = [F.linear(F.relu(F.linear(x.view(-1, 32), moe.w_fc[e])).square(), moe.w_proj[e]) for e in range(4)]
+    bound = torch.stack(per_expert).abs().amax(0)
+    assert (y.view(-1, 32).abs() <= bound + 1e-5).all()
+    assert math.isfinite(y.abs().mean().item())
