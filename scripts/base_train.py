@@ -345,7 +345,7 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
         model.train()
         return bpb
 
-    sample_prompts = [d[:40] for d in _first_documents(val_shards[0], 3)]
+    sample_prompts = [d[:48].rsplit(" ", 1)[0] for d in _first_documents(val_shards[0], 3)]  # whole words
 
     def sample():
         model.eval()
