@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default="synthetic", help="synthetic | fineweb | PATH (folder of shards, or .txt/.jsonl/.parquet)")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocab size when a tokenizer must be trained for --data")
     p.add_argument("--synthetic-train-docs", type=int, default=20000, help="train documents of the built-in corpus")
+    p.add_argument("--text-field", default="text", help="--data PATH: the text field of .jsonl / column of .parquet inputs")
+    p.add_argument("--doc-separator", default=None, help="--data PATH: split .txt files on this string (default: blank lines)")
     p.add_argument("--num-shards", type=int, default=8, help="--data fineweb: shards to download (the last is validation)")
     p.add_argument("--data-url", default="", help="--data fineweb: base URL of the shards (default: FineWeb-Edu 100B shuffle)")
     # Training horizon: the first of these that is set wins
@@ -161,7 +163,7 @@ def prepare_data(args, rank, ddp):
             dataset.download_shards(url, range(args.num_shards), data_dir)
         elif built and not os.path.exists(os.path.join(data_dir, "build_info.json")):
             print0(f"Building shards from {args.data} into {data_dir} ...")
-            dataset.build_shards([args.data], data_dir)
+            dataset.build_shards([args.data], data_dir, text_field=args.text_field, separator=args.doc_separator)
         elif built:
             print0(f"Using shards built earlier from {args.data} in {data_dir} (delete that folder to rebuild)")
         dataset.list_shards(data_dir)  # fails with a clear line when the folder is unusable
