@@ -1,11 +1,12 @@
 """
 Checkpoints that never lose work and cannot run code on load.
 
-Layout: <run>/checkpoints/step_000123/
-    model.safetensors     weights (safetensors: plain tensors, no pickle)
+Layout: <run>/checkpoints/step_000123/  (and best/, the lowest val bpb so far)
+    model.safetensors     weights and persistent buffers (safetensors: plain tensors, no pickle)
     optim.pt              optimizer states (loaded with weights_only=True: no code runs)
     loader_rank{r}.json   each rank's data loader position
-    meta.json             step, config, metrics; written LAST
+    rng_rank{r}.json      each rank's python / numpy / torch (/ cuda) RNG states
+    meta.json             step, config, args, val bpb, world size, tokenizer; written LAST
 Every file is written to `name.tmp`, fsynced and renamed; a checkpoint counts as complete
 only once meta.json exists, so a crash mid-save leaves the previous checkpoint the latest.
 Optimizer states are identical on every rank (gradients are all-reduced before the
@@ -14,6 +15,10 @@ update), so rank 0 saves them once.
 
 import json
 import os
+import random
+import shutil
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -42,27 +47,64 @@ def _write_json(path, obj):
     _atomic_write(path, write)
 
 
-def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, meta):
-    d = _step_dir(ckpt_dir, step)
+def rng_state():
+    """All RNG states of this process as JSON-able lists (no pickle needed to restore them)."""
+    np_state = np.random.get_state()
+    state = dict(python=[random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+                 numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]],
+                 torch=torch.get_rng_state().tolist())
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, meta, name=None, keep=0):
+    """Save a complete checkpoint as <ckpt_dir>/<name> (default step_XXXXXX). With keep > 0,
+    afterwards delete all but the newest `keep` complete step_ checkpoints (best/ is kept)."""
+    d = os.path.join(ckpt_dir, name) if name else _step_dir(ckpt_dir, step)
+    if rank == 0 and os.path.exists(os.path.join(d, "meta.json")):
+        os.remove(os.path.join(d, "meta.json"))  # overwriting (best/): incomplete until the new meta lands
+    if ddp:
+        dist.barrier()
     os.makedirs(d, exist_ok=True)
     if rank == 0:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         _atomic_write(os.path.join(d, "model.safetensors"), lambda tmp: save_file(state, tmp))
         _atomic_write(os.path.join(d, "optim.pt"), lambda tmp: torch.save([o.state_dict() for o in optimizers], tmp))
     _write_json(os.path.join(d, f"loader_rank{rank}.json"), loader_state)
+    _write_json(os.path.join(d, f"rng_rank{rank}.json"), rng_state())
     if ddp:
         dist.barrier()  # every rank's files are in place before the checkpoint is declared complete
     if rank == 0:
         _write_json(os.path.join(d, "meta.json"), meta)
         print0(f"Saved checkpoint {d}")
+        if keep > 0:
+            for old in complete_steps(ckpt_dir)[:-keep]:
+                shutil.rmtree(_step_dir(ckpt_dir, old), ignore_errors=True)
 
 
-def find_latest_step(ckpt_dir):
+def complete_steps(ckpt_dir):
+    """Sorted steps of the complete (meta.json present) step_ checkpoints in ckpt_dir."""
     steps = []
     if os.path.isdir(ckpt_dir):
         for name in os.listdir(ckpt_dir):
-            if name.startswith("step_") and os.path.exists(os.path.join(ckpt_dir, name, "meta.json")):
-                steps.append(int(name[len("step_"):]))
+            if name.startswith("step_") and name[5:].isdigit() and os.path.exists(os.path.join(ckpt_dir, name, "meta.json")):
+                steps.append(int(name[5:]))
+    return sorted(steps)
+
+
+def find_latest_step(ckpt_dir):
+    steps = complete_steps(ckpt_dir)
     if not steps:
         raise UserError(f"--resume-from-step latest: no complete checkpoint in {ckpt_dir}")
     return max(steps)
@@ -70,8 +112,9 @@ def find_latest_step(ckpt_dir):
 
 def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device):
     """Load weights (and optimizer states when `optimizers` is given) into place; return meta
-    with this rank's loader state under 'loader_state'."""
-    d = _step_dir(ckpt_dir, step)
+    with this rank's loader state under 'loader_state' (and RNG states under 'rng_state').
+    `step` is a step number or a checkpoint name such as 'best'."""
+    d = os.path.join(ckpt_dir, step) if isinstance(step, str) else _step_dir(ckpt_dir, step)
     meta_path = os.path.join(d, "meta.json")
     if not os.path.exists(meta_path):
         raise UserError(f"--resume-from-step {step}: no complete checkpoint at {d}")
@@ -98,9 +141,47 @@ def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device):
             raise UserError(f"{path}: cannot read optimizer state safely ({type(e).__name__}: {str(e).splitlines()[0]})")
         for opt, s in zip(optimizers, states):
             opt.load_state_dict(s)
+    if optimizers is None:  # weights only (generation, benchmarks)
+        return meta
     path = os.path.join(d, f"loader_rank{rank}.json")
     if not os.path.exists(path):
         raise UserError(f"{path} is missing: resume with as many processes as the run that saved this checkpoint")
     with open(path) as f:
         meta["loader_state"] = json.load(f)
+    path = os.path.join(d, f"rng_rank{rank}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            meta["rng_state"] = json.load(f)
     return meta
+
+
+def resolve_checkpoint(source, step=None):
+    """The checkpoint folder for `source` (a model tag under $NANOCHAT_BASE_DIR/runs, a run
+    folder, or a checkpoint folder) and `step` (a number, 'best', or None/'latest')."""
+    from nanochat.common import get_base_dir
+    if os.path.exists(os.path.join(source, "meta.json")):
+        return source
+    run_dir = source if os.path.isdir(source) else os.path.join(get_base_dir(), "runs", source)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise UserError(f"{source}: no checkpoints folder at {ckpt_dir} (is it a model tag or a run folder?)")
+    if step in (None, "", "latest"):
+        return _step_dir(ckpt_dir, find_latest_step(ckpt_dir))
+    d = os.path.join(ckpt_dir, "best") if step == "best" else _step_dir(ckpt_dir, int(step))
+    if not os.path.exists(os.path.join(d, "meta.json")):
+        raise UserError(f"--step {step}: no complete checkpoint at {d} (have steps {complete_steps(ckpt_dir)})")
+    return d
+
+
+def load_model(ckpt_path, device):
+    """Rebuild the model a checkpoint folder was saved from and load its weights.
+    Returns (model in eval mode, tokenizer, meta)."""
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.tokenizer import get_tokenizer
+    ckpt_dir, name = os.path.split(os.path.normpath(ckpt_path))
+    with open(os.path.join(ckpt_path, "meta.json")) as f:
+        config = GPTConfig(**json.load(f)["config"])
+    model = build_model(config, device)
+    meta = load_checkpoint(ckpt_dir, name, model, None, 0, device)
+    model.eval()
+    return model, get_tokenizer(meta["tokenizer_dir"]), meta

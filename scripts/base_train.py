@@ -75,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=int, default=10 * 524288, help="validation tokens per evaluation")
     p.add_argument("--sample-every", type=int, default=2000, help="steps between greedy samples (-1 = never)")
     p.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = only at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N step checkpoints (0 = all); best/ is always kept")
     p.add_argument("--resume-from-step", default="", help="resume this run from a saved step (or 'latest')")
     p.add_argument("--log-every", type=int, default=1, help="steps between step lines")
     p.add_argument("--run", default="dummy", help="wandb run name; 'dummy' = no wandb")
@@ -198,6 +199,10 @@ def peak_memory_mb(device_type):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def finite_or_none(x):
+    return x if x is not None and math.isfinite(x) else None
+
+
 def format_eta(seconds):
     if not math.isfinite(seconds):
         return "?"
@@ -256,7 +261,7 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     from nanochat.dataloader import data_loader
     from nanochat.dataset import list_shards, split_shards, read_entropy_floor
     from nanochat.loss_eval import evaluate_bpb
-    from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_latest_step
+    from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_latest_step, set_rng_state
 
     master = rank == 0
     torch.manual_seed(args.seed)
@@ -307,11 +312,13 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     model_tag = args.model_tag or (f"d{args.depth}" + (f"_moe{args.n_experts}k{args.expert_topk}" if args.use_moe else ""))
     run_dir = os.path.join(get_base_dir(), "runs", model_tag)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    start_step, loader_state = 0, None
+    start_step, loader_state, resumed_meta = 0, None, None
     if args.resume_from_step:
         step_to_load = find_latest_step(ckpt_dir) if args.resume_from_step == "latest" else int(args.resume_from_step)
         meta = load_checkpoint(ckpt_dir, step_to_load, model, optimizers, rank, device)
-        start_step, loader_state = meta["step"], meta["loader_state"]
+        start_step, loader_state, resumed_meta = meta["step"], meta["loader_state"], meta
+        if "rng_state" in meta:
+            set_rng_state(meta["rng_state"])
         if meta.get("world_size", world_size) != world_size:
             raise UserError(f"--resume-from-step: the checkpoint was saved by {meta['world_size']} process(es), this run "
                             f"has {world_size}; resume with the same number (each rank restores its own data position)")
@@ -358,13 +365,21 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
             print0(f"  sample | {prompt!r} -> {tokenizer.decode(out)!r}")
         model.train()
 
+    def checkpoint(step, name=None):
+        meta = dict(step=step, world_size=world_size, config=config.to_dict(), args=vars(args), val_bpb=finite_or_none(val_bpb),
+                    min_val_bpb=finite_or_none(min_val_bpb), flops=flops_done, num_iterations=num_iterations,
+                    tokenizer_dir=tokenizer_dir, data_dir=data_dir, commit=git_commit())
+        save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state=consumed_state, meta=meta,
+                        name=name, keep=args.keep_checkpoints)
+
     # consumed_state: the loader state after the last batch trained on (what a checkpoint
     # saves); the batch in x/y has been fetched ahead and is not consumed yet.
     train_batches = rank_loader(train_shards, loader_state, True)
     consumed_state = loader_state
     x, y, next_state = next(train_batches)
     flops_done = start_step * flops_per_token * tokens_per_step
-    val_bpb, min_val_bpb = float("nan"), float("inf")
+    val_bpb = float("nan")
+    min_val_bpb = (resumed_meta or {}).get("min_val_bpb") or float("inf")
     step_times, smooth_loss = [], 0.0
     t_start = time.time()
     step = start_step
@@ -372,6 +387,9 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
         last = step == num_iterations
         if args.eval_every > 0 and (step % args.eval_every == 0 or last) or (last and args.eval_every < 0):
             val_bpb = evaluate()
+            if val_bpb < min_val_bpb and step > start_step:
+                min_val_bpb = val_bpb
+                checkpoint(step, name="best")
             min_val_bpb = min(min_val_bpb, val_bpb)
             floor = f" | floor {entropy_floor:.4f} (+{val_bpb - entropy_floor:.4f})" if entropy_floor is not None else ""
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}{floor}")
@@ -380,9 +398,7 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
         if args.sample_every > 0 and master and (step % args.sample_every == 0 or last) and step > 0:
             sample()
         if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-            save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp,
-                            loader_state=consumed_state, meta=dict(step=step, world_size=world_size, config=config.to_dict(), val_bpb=val_bpb,
-                                                                   flops=flops_done, args=vars(args)))
+            checkpoint(step)
         if last:
             break
 

@@ -188,7 +188,7 @@ def test_tiny_model_learns_and_metrics_are_consistent(base_dir, kind):
 
     # the final checkpoint is complete
     d = base_dir / "runs" / tag / "checkpoints" / f"step_{steps:06d}"
-    assert sorted(os.listdir(d)) == ["loader_rank0.json", "meta.json", "model.safetensors", "optim.pt"]
+    assert sorted(os.listdir(d)) == ["loader_rank0.json", "meta.json", "model.safetensors", "optim.pt", "rng_rank0.json"]
     with open(d / "meta.json") as f:
         meta = json.load(f)
     assert meta["step"] == steps and meta["val_bpb"] == bpbs[-1] and meta["config"] == header["config"]
@@ -271,7 +271,7 @@ def test_resume_reproduces_the_uninterrupted_run(base_dir):
     args = TINY + MOE + ["--num-iterations", "6", "--eval-every", "-1", "--save-every", "3", "--model-tag", tag]
     run_train(base_dir, args)
     ckpts = base_dir / "runs" / tag / "checkpoints"
-    assert sorted(os.listdir(ckpts)) == ["step_000003", "step_000006"]
+    assert sorted(os.listdir(ckpts)) == ["best", "step_000003", "step_000006"]
     full = read_metrics(base_dir, tag)
     full_weights = load_file(str(ckpts / "step_000006" / "model.safetensors"))
     with open(ckpts / "step_000003" / "loader_rank0.json") as f:
@@ -311,3 +311,66 @@ def test_resume_errors_are_one_line(base_dir):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     line = p.stderr.strip()
     assert "\n" not in line and "model.safetensors" in line and "size mismatch" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. A non-finite loss stops training with a clear line naming the step; checkpoints intact
+
+NAN_SCRIPT = r"""
+import sys
+import nanochat.gpt as gpt
+real_forward = gpt.GPT.forward
+calls = [0]
+def forward(self, idx, targets=None, *args, **kwargs):
+    out = real_forward(self, idx, targets, *args, **kwargs)
+    if targets is not None and self.training:
+        calls[0] += 1
+        if calls[0] > {good_calls}:  # from here on the loss is NaN
+            return out[0] * float("nan"), out[1]
+    return out
+gpt.GPT.forward = forward
+from nanochat.common import run_main
+from scripts.base_train import main
+sys.argv = ["base_train"] + {args!r}
+run_main(main)
+"""
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(base_dir):
+    from nanochat.checkpoint import find_latest_step, load_checkpoint
+    from nanochat.gpt import GPTConfig, build_model
+    tag = "nan"
+    args = TINY + ["--num-iterations", "8", "--eval-every", "-1", "--save-every", "2", "--model-tag", tag]
+    script = NAN_SCRIPT.format(good_calls=8, args=args)  # 2 micro-steps a step: steps 1-4 are fine
+    p = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=train_env(base_dir), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    last_line = p.stderr.strip().splitlines()[-1]
+    assert "non-finite training loss" in last_line and "step 5" in last_line, p.stderr[-2000:]
+    ckpt_dir = base_dir / "runs" / tag / "checkpoints"
+    assert find_latest_step(str(ckpt_dir)) == 4
+    with open(ckpt_dir / "step_000004" / "meta.json") as f:
+        config = GPTConfig(**json.load(f)["config"])
+    meta = load_checkpoint(str(ckpt_dir), 4, build_model(config, "cpu"), None, 0, "cpu")
+    assert meta["step"] == 4
+    assert [r["step"] for r in of_type(read_metrics(base_dir, tag), "train")] == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_two_process_resume_restores_each_ranks_loader(base_dir):
+    tag = "resume2"
+    args = TINY + MOE + ["--num-iterations", "4", "--eval-every", "-1", "--save-every", "2", "--model-tag", tag]
+    run_train(base_dir, args, nproc=2)
+    full = of_type(read_metrics(base_dir, tag), "train")
+    step2 = base_dir / "runs" / tag / "checkpoints" / "step_000002"
+    states = [json.loads((step2 / f"loader_rank{r}.json").read_text()) for r in (0, 1)]
+    assert states[0] != states[1]  # each rank has its own position
+    run_train(base_dir, args + ["--resume-from-step", "2"], nproc=2)
+    resumed = of_type(read_metrics(base_dir, tag), "train")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for r, f in zip(resumed[2:], full[2:]):
+        assert r["train_loss"] == f["train_loss"] and r["balance_loss"] == f["balance_loss"]
+    # resuming with another process count is refused in one line
+    p = run_train(base_dir, args + ["--resume-from-step", "2"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "process" in p.stderr.strip().splitlines()[-1]

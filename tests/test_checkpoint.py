@@ -72,7 +72,7 @@ def trained(tmp_path):
 def test_round_trip_restores_weights_optimizer_and_loader_state(trained):
     model, optimizers, ckpt_dir = trained
     d = ckpt_dir / "step_000007"
-    assert sorted(os.listdir(d)) == ["loader_rank0.json", "meta.json", "model.safetensors", "optim.pt"]
+    assert sorted(os.listdir(d)) == ["loader_rank0.json", "meta.json", "model.safetensors", "optim.pt", "rng_rank0.json"]
 
     fresh, fresh_opts = make(seed=123)  # different init, empty optimizer states
     assert not torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
@@ -106,7 +106,7 @@ def test_load_without_optimizers_loads_weights_only(trained):
     model, _, ckpt_dir = trained
     fresh, fresh_opts = make(seed=5)
     meta = load_checkpoint(str(ckpt_dir), 7, fresh, None, rank=0, device="cpu")
-    assert meta["loader_state"] == LOADER_STATE
+    assert "loader_state" not in meta and meta["step"] == 7  # weights only: no training state
     assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
     assert all(len(o.state) == 0 for o in fresh_opts)
 
@@ -123,7 +123,7 @@ def test_meta_json_is_written_last_and_all_writes_are_atomic(tmp_path, monkeypat
 
     monkeypatch.setattr(ckpt.os, "replace", spy)
     save(tmp_path, 3, model, optimizers)
-    assert sorted(replaced) == ["loader_rank0.json", "meta.json", "model.safetensors", "optim.pt"]
+    assert sorted(replaced) == ["loader_rank0.json", "meta.json", "model.safetensors", "optim.pt", "rng_rank0.json"]
     assert replaced[-1] == "meta.json"
     assert not [f for f in os.listdir(tmp_path / "step_000003") if f.endswith(".tmp")]
 
@@ -265,3 +265,86 @@ def test_loader_state_json_round_trip_is_exact(tmp_path):
     with open(tmp_path / "step_000001" / "loader_rank0.json") as f:
         assert json.load(f) == state
     assert load_checkpoint(str(tmp_path), 1, *make(), rank=0, device="cpu")["loader_state"] == state
+
+
+# ---------------------------------------------------------------------------------------------
+# A process killed (SIGKILL) in the middle of a save, keep-last-N, best/, RNG states
+
+KILL_SCRIPT = r"""
+import os, signal, sys
+import torch
+sys.path.insert(0, {repo!r})
+import nanochat.checkpoint as ckpt
+from tests.test_checkpoint import make, train_steps, save
+kill_at = {kill_at!r}
+real_replace = os.replace
+def replace(src, dst):
+    if os.path.basename(dst) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: like a power cut
+    real_replace(src, dst)
+ckpt.os.replace = replace
+model, optimizers = make()
+train_steps(model, optimizers, n=2)
+save({ckpt_dir!r}, 2, model, optimizers)
+"""
+
+
+@pytest.mark.parametrize("kill_at", ["model.safetensors", "optim.pt", "meta.json"])
+def test_sigkill_during_save_leaves_last_good_checkpoint_loadable(tmp_path, kill_at):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model, optimizers = make()
+    train_steps(model, optimizers, n=1)
+    save(tmp_path, 1, model, optimizers)
+    script = KILL_SCRIPT.format(repo=repo, kill_at=kill_at, ckpt_dir=str(tmp_path))
+    p = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr  # really killed by SIGKILL at the chosen point
+    assert os.path.isdir(tmp_path / "step_000002")  # the save had started
+    assert find_latest_step(str(tmp_path)) == 1
+    fresh, fresh_opts = make(seed=3)
+    meta = load_checkpoint(str(tmp_path), 1, fresh, fresh_opts, rank=0, device="cpu")
+    assert meta["step"] == 1
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+
+
+def test_keep_last_n_prunes_old_steps_but_not_best(tmp_path):
+    model, optimizers = make()
+    save_checkpoint(str(tmp_path), 1, model, optimizers, rank=0, ddp=False, loader_state=None,
+                    meta=dict(step=1), name="best")
+    for step in (1, 2, 3, 4):
+        save_checkpoint(str(tmp_path), step, model, optimizers, rank=0, ddp=False, loader_state=None,
+                        meta=dict(step=step), keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["best", "step_000003", "step_000004"]
+    assert ckpt.complete_steps(str(tmp_path)) == [3, 4]
+
+
+def test_best_is_overwritten_and_loadable_by_name(tmp_path):
+    model, optimizers = make()
+    save_checkpoint(str(tmp_path), 1, model, optimizers, rank=0, ddp=False, loader_state=None,
+                    meta=dict(step=1, val_bpb=2.0), name="best")
+    train_steps(model, optimizers, n=1)
+    save_checkpoint(str(tmp_path), 5, model, optimizers, rank=0, ddp=False, loader_state=None,
+                    meta=dict(step=5, val_bpb=1.5), name="best")
+    fresh, _ = make(seed=9)
+    meta = load_checkpoint(str(tmp_path), "best", fresh, None, rank=0, device="cpu")
+    assert meta["step"] == 5 and meta["val_bpb"] == 1.5
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+
+
+def test_rng_states_round_trip_through_json(tmp_path):
+    import random
+    import numpy as np
+    model, optimizers = make()
+    torch.manual_seed(123)
+    random.seed(4)
+    np.random.seed(5)
+    save(tmp_path, 1, model, optimizers)
+    expected = (random.random(), float(np.random.rand()), torch.rand(3))
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    meta = load_checkpoint(str(tmp_path), 1, model, optimizers, rank=0, device="cpu")
+    ckpt.set_rng_state(meta["rng_state"])
+    got = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
