@@ -52,8 +52,9 @@ def apply_rotary_emb(x, cos, sin):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
+        self.layer_idx = layer_idx  # which slot of a KV cache this layer writes
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
@@ -63,7 +64,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos_sin):
+    def forward(self, x, cos_sin, kv_cache=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -72,7 +73,20 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm: keeps attention logits bounded without a softcap
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        gqa = self.n_kv_head != self.n_head
+        if kv_cache is None:  # training / full-context path
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            # Inference: the new tokens attend to every cached key plus the new ones.
+            t0 = kv_cache.get_pos()
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+            if t0 == 0:  # prefill into an empty cache: plain causal attention
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            elif T == 1:  # one decode step: the token sees everything, nothing to mask
+                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            else:  # a chunk after a cached prefix: new token i (position t0+i) sees keys 0..t0+i
+                mask = torch.ones(T, t0 + T, dtype=torch.bool, device=q.device).tril(diagonal=t0)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
 
 
@@ -89,12 +103,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = MoE(config) if self.is_moe else MLP(config)
 
-    def forward(self, x, cos_sin):
-        x = x + self.attn(norm(x), cos_sin)
+    def forward(self, x, cos_sin, kv_cache=None):
+        # MoE layers need nothing for a KV cache: routing is per token.
+        x = x + self.attn(norm(x), cos_sin, kv_cache)
         if self.is_moe:
             y, balance_loss = self.mlp(norm(x))
             return x + y, balance_loss
@@ -193,18 +208,22 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, idx, targets=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
         """idx: (B, T) token ids. Without targets: returns logits (B, T, V), fp32.
         With targets: returns (cross_entropy, balance_loss) where balance_loss is the mean
         Switch loss over MoE layers (a zero tensor for dense models); the trainer adds
-        balance_loss_coeff * balance_loss. Targets of -1 are ignored."""
+        balance_loss_coeff * balance_loss. Targets of -1 are ignored.
+        kv_cache (inference, see nanochat/engine.py): idx are the tokens that follow the ones
+        already cached; their rotary positions start at the cache position, and their keys and
+        values are appended to the cache."""
         B, T = idx.shape
-        assert T <= self.cos.size(1), f"sequence length {T} exceeds rotary cache {self.cos.size(1)}"
-        cos_sin = self.cos[:, :T], self.sin[:, :T]
+        t0 = 0 if kv_cache is None else kv_cache.get_pos()
+        assert t0 + T <= self.cos.size(1), f"sequence length {t0 + T} exceeds rotary cache {self.cos.size(1)}"
+        cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
         x = norm(self.transformer.wte(idx))
         balance_losses = []
         for block in self.transformer.h:
-            x, balance_loss = block(x, cos_sin)
+            x, balance_loss = block(x, cos_sin, kv_cache)
             if balance_loss is not None:
                 balance_losses.append(balance_loss)
         x = norm(x)

@@ -1,0 +1,207 @@
+"""
+Inference: sampling with a KV cache, for dense and MoE models alike.
+
+Without a cache, every new token re-runs the model over the whole context: step t costs a
+forward over t tokens. With a cache, each layer keeps the keys and values of the tokens it
+has already seen, so the prompt is run once (prefill) and each later step runs the model
+over one new token per row (decode), attending to the cached keys. MoE layers need nothing
+special: routing is per token, so a token is routed the same whether it arrives alone or
+inside the full context.
+
+    from nanochat.engine import generate
+    rows = generate(model, tokenizer.encode("Once", prepend_bos=True), max_tokens=64,
+                    num_samples=4, temperature=0.8, top_k=50)   # 4 lists of new token ids
+
+Sampling (sample_next_token): repetition penalty, then temperature (0 = greedy argmax),
+top-k, top-p (nucleus), then one draw from a torch.Generator seeded by `seed`, so the same
+seed gives the same samples.
+"""
+
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import UserError
+from nanochat.tokenizer import SPECIAL_TOKENS, BOS
+
+
+class KVCache:
+    """Per-layer keys and values of shape (B, n_kv_head, max_len, head_dim), and `pos`, the
+    number of positions filled (the same for every row: rows are prompts of equal length
+    generating in lockstep). The model's rotary offset for new tokens is get_pos()."""
+
+    def __init__(self, batch_size, n_layer, n_kv_head, head_dim, max_len):
+        self.batch_size, self.n_layer, self.n_kv_head, self.head_dim = batch_size, n_layer, n_kv_head, head_dim
+        self.max_len = max_len
+        self.pos = 0
+        # Allocated on first insert so that dtype and device follow the activations (bf16
+        # under CUDA autocast, fp32 on CPU) rather than having to be guessed here.
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+
+    def get_pos(self):
+        return self.pos
+
+    def insert_kv(self, layer_idx, k, v):
+        """Store k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T of this layer and
+        return all keys and values so far, (B, n_kv_head, pos+T, head_dim). The position
+        advances after the last layer has written, so every layer of one forward sees the
+        same offset."""
+        t0, t1 = self.pos, self.pos + k.size(2)
+        assert t1 <= self.max_len, f"KV cache full: {t1} positions > max_len {self.max_len}"
+        if self.k[layer_idx] is None:
+            shape = (self.batch_size, self.n_kv_head, self.max_len, self.head_dim)
+            self.k[layer_idx] = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.v[layer_idx] = torch.empty(shape, dtype=v.dtype, device=v.device)
+        self.k[layer_idx][:, :, t0:t1] = k
+        self.v[layer_idx][:, :, t0:t1] = v
+        if layer_idx == self.n_layer - 1:
+            self.pos = t1
+        return self.k[layer_idx][:, :, :t1], self.v[layer_idx][:, :, :t1]
+
+    def repeat_rows(self, n):
+        """Each row becomes n consecutive rows (row r -> rows r*n .. r*n+n-1): one prefilled
+        prompt, then n samples that diverge from there. Copies, as the rows will differ."""
+        if n == 1:
+            return
+        self.batch_size *= n
+        self.k = [None if t is None else t.repeat_interleave(n, dim=0) for t in self.k]
+        self.v = [None if t is None else t.repeat_interleave(n, dim=0) for t in self.v]
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+def new_kv_cache(model, batch_size, max_len):
+    cfg = model.config
+    return KVCache(batch_size, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, max_len)
+
+
+def apply_repetition_penalty(logits, history, penalty):
+    """CTRL's repetition penalty (Keskar et al. 2019): for every token id in the row's history
+    (prompt and generated), divide its logit by `penalty` if positive, multiply if negative,
+    so penalty > 1 always makes it less likely. logits (B, V); history (B, T) ids. Each id is
+    penalised once, however often it occurred (as in CTRL and Hugging Face)."""
+    seen = torch.gather(logits, 1, history)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, history, seen)  # duplicates in history write the same value
+
+
+def sample_next_token(logits, rng=None, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                      history=None):
+    """One next token per row. logits (B, V) fp32 -> (B, 1) long.
+    Order: repetition penalty, temperature (0 = greedy argmax, no randomness), top-k (keep the
+    k largest; None/0 = off), top-p (keep the smallest set of most likely tokens whose
+    probability sums to >= top_p; None/1 = off), then a draw with `rng` (a torch.Generator)."""
+    if repetition_penalty != 1.0 and history is not None and history.numel():
+        logits = apply_repetition_penalty(logits, history, repetition_penalty)
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the more likely ones already reach top_p (so the top one stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, sorted_ids, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=rng)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def max_positions(model):
+    """How many positions the model can encode: the length of its rotary table."""
+    return model.cos.size(1)
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts, max_tokens, num_samples=1, temperature=1.0, top_k=None, top_p=None,
+                   repetition_penalty=1.0, seed=42, use_kv_cache=True, stop_at_bos=True, bos_token_id=None,
+                   timings=None):
+    """Continue each prompt (a list of equal-length token lists) num_samples times, all rows in
+    one batch. Returns len(prompts) * num_samples lists of new token ids (prompt r's samples
+    are rows r*num_samples ...), without the prompt and without the BOS that ended a row.
+
+    With the KV cache the prompts are prefilled once, the cache replicated num_samples times,
+    then one token per row per step is decoded; without it, each step re-runs the model over
+    the full context (the reference the cache is tested against; no sliding window, so both
+    paths see the same context). A row stops at BOS (end of document) when stop_at_bos;
+    generation stops early once every row has. bos_token_id: pass tokenizer.get_bos_token_id();
+    None = the tokenizer's convention (special tokens follow the merged ones, in SPECIAL_TOKENS
+    order) applied to the model's vocabulary size. Prompt plus continuation never exceed the
+    model's rotary table: the prompt must fit, and max_tokens is cut to what is left.
+    timings: an optional dict, filled with prefill_s, decode_s, steps, kv_cache_bytes."""
+    device = model.lm_head.weight.device
+    if bos_token_id is None:
+        bos_token_id = model.config.vocab_size - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index(BOS)
+    if not prompts or any(len(p) != len(prompts[0]) for p in prompts) or not prompts[0]:
+        raise ValueError("prompts must be a non-empty list of non-empty token lists of equal length")
+    T, limit = len(prompts[0]), max_positions(model)
+    if T >= limit:
+        raise UserError(f"the prompt is {T} tokens: the model encodes at most {limit} positions (its rotary table)")
+    max_tokens = min(max_tokens, limit - T)
+    rows = len(prompts) * num_samples
+    rng = torch.Generator(device=device).manual_seed(seed)
+    # bf16 on CUDA, as in training; CPU stays fp32
+    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    prompt = torch.tensor(prompts, dtype=torch.long, device=device)
+    ids = prompt.repeat_interleave(num_samples, dim=0)  # (rows, T): the history, for the penalty
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    out = []
+    cache = None
+    t_start = time.perf_counter()
+    with autocast:
+        if use_kv_cache:
+            cache = new_kv_cache(model, len(prompts), T + max_tokens)
+            logits = model(prompt, kv_cache=cache)[:, -1, :]
+            cache.repeat_rows(num_samples)
+            logits = logits.repeat_interleave(num_samples, dim=0)
+        else:
+            logits = model(ids)[:, -1, :]
+        _sync(device)
+        t_prefill = time.perf_counter()
+        for step in range(max_tokens):
+            next_ids = sample_next_token(logits.float(), rng, temperature, top_k, top_p, repetition_penalty, ids)
+            if stop_at_bos:
+                done = done | (next_ids[:, 0] == bos_token_id)
+                next_ids = next_ids.masked_fill(done.unsqueeze(1), bos_token_id)  # finished rows idle on BOS
+            out.append(next_ids)
+            ids = torch.cat([ids, next_ids], dim=1)
+            if step == max_tokens - 1 or (stop_at_bos and bool(done.all())):
+                break
+            if use_kv_cache:
+                logits = model(next_ids, kv_cache=cache)[:, -1, :]
+            else:
+                logits = model(ids)[:, -1, :]
+    _sync(device)
+    t_end = time.perf_counter()
+    if timings is not None:
+        timings.update(prefill_s=t_prefill - t_start, decode_s=t_end - t_prefill, steps=len(out),
+                       kv_cache_bytes=cache.nbytes() if cache is not None else 0)
+    if not out:
+        return [[] for _ in range(rows)]
+    result = []
+    for row in torch.cat(out, dim=1).tolist():
+        if stop_at_bos and bos_token_id in row:
+            row = row[:row.index(bos_token_id)]
+        result.append(row)
+    return result
+
+
+def generate(model, prompt_ids, max_tokens, num_samples=1, temperature=1.0, top_k=None, top_p=None,
+             repetition_penalty=1.0, seed=42, use_kv_cache=True, stop_at_bos=True, bos_token_id=None,
+             timings=None):
+    """num_samples continuations of one prompt (a list of token ids; nanochat prompts start
+    with BOS), in one batch. Returns num_samples lists of new token ids. See generate_batch."""
+    return generate_batch(model, [list(prompt_ids)], max_tokens, num_samples, temperature, top_k, top_p,
+                          repetition_penalty, seed, use_kv_cache, stop_at_bos, bos_token_id, timings)
