@@ -367,7 +367,7 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
 
     def checkpoint(step, name=None):
         meta = dict(step=step, world_size=world_size, config=config.to_dict(), args=vars(args), val_bpb=finite_or_none(val_bpb),
-                    min_val_bpb=finite_or_none(min_val_bpb), flops=flops_done, num_iterations=num_iterations,
+                    min_val_bpb=finite_or_none(min_val_bpb), smooth_loss=smooth_loss, flops=flops_done, num_iterations=num_iterations,
                     tokenizer_dir=tokenizer_dir, data_dir=data_dir, commit=git_commit())
         save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state=consumed_state, meta=meta,
                         name=name, keep=args.keep_checkpoints)
@@ -380,21 +380,22 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     flops_done = start_step * flops_per_token * tokens_per_step
     val_bpb = float("nan")
     min_val_bpb = (resumed_meta or {}).get("min_val_bpb") or float("inf")
-    step_times, smooth_loss = [], 0.0
+    step_times = []
+    smooth_loss = (resumed_meta or {}).get("smooth_loss", 0.0)  # EMA of the printed loss, continued on resume
     t_start = time.time()
     step = start_step
     while True:
         last = step == num_iterations
         if args.eval_every > 0 and (step % args.eval_every == 0 or last) or (last and args.eval_every < 0):
             val_bpb = evaluate()
-            if val_bpb < min_val_bpb and step > start_step:
-                min_val_bpb = val_bpb
-                checkpoint(step, name="best")
-            min_val_bpb = min(min_val_bpb, val_bpb)
             floor = f" | floor {entropy_floor:.4f} (+{val_bpb - entropy_floor:.4f})" if entropy_floor is not None else ""
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}{floor}")
             metrics.write(dict(type="eval", step=step, flops=flops_done, tokens=step * tokens_per_step, val_bpb=val_bpb))
             wandb_run.log({"step": step, "flops": flops_done, "val/bpb": val_bpb})
+            if val_bpb < min_val_bpb and step > start_step:
+                min_val_bpb = val_bpb
+                checkpoint(step, name="best")
+            min_val_bpb = min(min_val_bpb, val_bpb)
         if args.sample_every > 0 and master and (step % args.sample_every == 0 or last) and step > 0:
             sample()
         if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
@@ -442,7 +443,7 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
         if step - start_step > 2:  # the first steps include warm-up/compilation
             step_times.append(dt)
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
-        debiased = smooth_loss / (1 - 0.9 ** (step - start_step))
+        debiased = smooth_loss / (1 - 0.9 ** step)
         tok_per_sec = tokens_per_step / dt
         peak = get_peak_flops(device_type)
         mfu = 100 * flops_per_token * tok_per_sec / (peak * world_size) if peak else None
