@@ -25,12 +25,21 @@ class GPTConfig:
     n_embd: int = 768
     # MoE (contract): every moe_freq-th layer (1 = all) swaps its MLP for top-k of n_experts,
     # each of hidden width expert_hidden_mult * n_embd. The dense MLP is 4 * n_embd wide, so
-    # expert_topk * expert_hidden_mult == 4 is iso-FLOPs with the dense model (+ the router).
+    # (expert_topk + n_shared_experts) * expert_hidden_mult == 4 is iso-FLOPs with the dense
+    # model (+ the router).
     use_moe: bool = False
     n_experts: int = 8
     expert_topk: int = 2
     moe_freq: int = 1
     expert_hidden_mult: float = 4
+    # Routing variants (see nanochat/moe.py): softmax|sigmoid scores, a scale on the combine
+    # weights, always-on shared experts, the aux-loss-free balancing bias update rate (0 = off;
+    # the update itself runs in the trainer), and a capacity factor (0 = dropless).
+    router: str = "softmax"
+    route_scale: float = 1.0
+    n_shared_experts: int = 0
+    aux_free_bias: float = 0.0
+    capacity_factor: float = 0.0
 
     def to_dict(self):
         return asdict(self)
@@ -111,8 +120,8 @@ class Block(nn.Module):
         # MoE layers need nothing for a KV cache: routing is per token.
         x = x + self.attn(norm(x), cos_sin, kv_cache)
         if self.is_moe:
-            y, balance_loss = self.mlp(norm(x))
-            return x + y, balance_loss
+            y, moe_losses = self.mlp(norm(x))
+            return x + y, moe_losses
         return x + self.mlp(norm(x)), None
 
 
@@ -150,6 +159,11 @@ class GPT(nn.Module):
                 torch.nn.init.uniform_(block.mlp.w_fc, -s, s)
                 torch.nn.init.zeros_(block.mlp.w_proj)
                 torch.nn.init.zeros_(block.mlp.router.weight)
+                for buf in (block.mlp.expert_bias, block.mlp.load_since_step, block.mlp.stats):
+                    buf.zero_()  # built on the meta device: buffers are uninitialised until here
+                if block.mlp.n_shared:
+                    torch.nn.init.uniform_(block.mlp.shared_fc.weight, -s, s)
+                    torch.nn.init.zeros_(block.mlp.shared_proj.weight)
             else:
                 torch.nn.init.uniform_(block.mlp.c_fc.weight, -s, s)
                 torch.nn.init.zeros_(block.mlp.c_proj.weight)
@@ -175,16 +189,19 @@ class GPT(nn.Module):
 
     def num_scaling_params(self):
         """Parameter counts (contract): total, moe_inactive (the experts a token does not use:
-        per MoE layer (n_experts - expert_topk) x one expert) and active_total, plus parts."""
+        per MoE layer (n_experts - expert_topk) x one routed expert) and active_total, plus
+        parts. Shared experts run for every token: they are active, never inactive."""
         cfg = self.config
         counts = {"wte": self.transformer.wte.weight.numel(), "lm_head": self.lm_head.weight.numel(),
-                  "attn": 0, "mlp": 0, "experts": 0, "router": 0, "moe_inactive": 0}
+                  "attn": 0, "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "moe_inactive": 0}
         for block in self.transformer.h:
             counts["attn"] += sum(p.numel() for p in block.attn.parameters())
             if block.is_moe:
                 expert_params = block.mlp.w_fc.numel() + block.mlp.w_proj.numel()
                 counts["experts"] += expert_params
                 counts["router"] += block.mlp.router.weight.numel()
+                if block.mlp.n_shared:
+                    counts["shared_experts"] += block.mlp.shared_fc.weight.numel() + block.mlp.shared_proj.weight.numel()
                 counts["moe_inactive"] += (cfg.n_experts - cfg.expert_topk) * expert_params // cfg.n_experts
             else:
                 counts["mlp"] += sum(p.numel() for p in block.mlp.parameters())
@@ -210,9 +227,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
         """idx: (B, T) token ids. Without targets: returns logits (B, T, V), fp32.
-        With targets: returns (cross_entropy, balance_loss) where balance_loss is the mean
-        Switch loss over MoE layers (a zero tensor for dense models); the trainer adds
-        balance_loss_coeff * balance_loss. Targets of -1 are ignored.
+        With targets: returns (cross_entropy, aux) where aux = {"balance_loss", "z_loss"}: the
+        Switch balance loss and router z-loss, each the mean over MoE layers (zero tensors for
+        dense models); the trainer weights and adds them. Targets of -1 are ignored.
         kv_cache (inference, see nanochat/engine.py): idx are the tokens that follow the ones
         already cached; their rotary positions start at the cache position, and their keys and
         values are appended to the cache."""
@@ -221,11 +238,11 @@ class GPT(nn.Module):
         assert t0 + T <= self.cos.size(1), f"sequence length {t0 + T} exceeds rotary cache {self.cos.size(1)}"
         cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
         x = norm(self.transformer.wte(idx))
-        balance_losses = []
+        moe_losses = []
         for block in self.transformer.h:
-            x, balance_loss = block(x, cos_sin, kv_cache)
-            if balance_loss is not None:
-                balance_losses.append(balance_loss)
+            x, layer_losses = block(x, cos_sin, kv_cache)
+            if layer_losses is not None:
+                moe_losses.append(layer_losses)
         x = norm(x)
         softcap = 15.0  # smoothly bounds logits to (-15, 15): stabilises early training
         logits = self.lm_head(x).float()
@@ -236,8 +253,9 @@ class GPT(nn.Module):
                                reduction=loss_reduction)
         if loss_reduction == "none":
             loss = loss.view(B, T)
-        balance = torch.stack(balance_losses).mean() if balance_losses else logits.new_zeros(())
-        return loss, balance
+        aux = {name: torch.stack([m[name] for m in moe_losses]).mean() if moe_losses else logits.new_zeros(())
+               for name in ("balance_loss", "z_loss")}
+        return loss, aux
 
     @torch.no_grad()
     def generate(self, tokens, max_tokens, temperature=0.0, seed=42):
@@ -276,7 +294,8 @@ def describe_params(model):
     if n_moe:
         idle = (cfg.n_experts - cfg.expert_topk) * n_moe
         lines += [
-            f"Active Params/tok: {c['active_total'] / 1e6:.2f} M (top-{cfg.expert_topk} of {cfg.n_experts} experts)",
+            f"Active Params/tok: {c['active_total'] / 1e6:.2f} M (top-{cfg.expert_topk} of {cfg.n_experts} experts"
+            + (f" + {cfg.n_shared_experts} shared" if cfg.n_shared_experts else "") + ")",
             f"Inactive Params: {c['moe_inactive'] / 1e6:.2f} M ({idle} experts idle)",
             f"Efficiency: {100 * c['active_total'] / c['total']:.1f}% active per forward pass",
         ]

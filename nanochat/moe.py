@@ -1,37 +1,61 @@
 """
-Token-choice top-k Mixture-of-Experts, dropless, in four small steps:
+Token-choice top-k Mixture-of-Experts in four small steps:
 
-    route      logits = x @ gate.T -> softmax -> top-k experts per token (+ renormalised weights)
+    route      logits = x @ gate.T -> softmax (or sigmoid) scores -> top-k experts per token
     dispatch   sort the N*k (token, expert) assignments by expert -> one permutation + offsets
     experts    two grouped matrix multiplies over the sorted rows (stacked expert weights)
     combine    un-permute and take each token's weighted sum over its k expert outputs
 
-Every tensor has a shape fixed by (tokens, k, experts): nothing depends on how many tokens an
-expert got, so experts that receive no token are fine and torch.compile sees static shapes.
-There is no Python loop over experts on the hot path; `naive_moe_forward` (a loop with boolean
-masks, the approach this project replaces) is kept only as the reference for tests/benchmarks.
+Dropless by default: every tensor has a shape fixed by (tokens, k, experts), nothing depends
+on how many tokens an expert got, experts that receive no token are fine and torch.compile
+sees static shapes. With a capacity factor, each expert takes at most C tokens (the overflow
+skips that expert and keeps only the residual path) and runs as one padded batched matmul.
+There is no Python loop over experts on the hot path; `naive_moe_forward` (a loop with
+boolean masks, the approach this project replaces) is the reference for tests/benchmarks.
 
-Balance loss: Switch Transformer (Fedus et al. 2021, eq. 4-6), N * sum_i f_i * P_i.
+Options (GPTConfig): router softmax|sigmoid (DeepSeek-V3), route_scale, shared experts,
+an auxiliary-loss-free balancing bias (DeepSeek-V3, Wang et al. 2024), capacity factor
+(Switch). Losses returned for the trainer to weight: Switch balance loss (Fedus et al. 2021,
+eq. 4-6) and router z-loss (ST-MoE, Zoph et al. 2022, eq. 5).
 """
+
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.distributed as dist
+
+# Layout of MoE.stats after the per-expert counts: running sums since the last read.
+STAT_FIELDS = ("entropy", "tokens", "dropped", "balance_loss", "z_loss", "forwards")
 
 
-def route(x, gate_weight, topk):
-    """Softmax router. x: (N, d), gate_weight: (E, d).
-    Returns weights (N, k) fp32 summing to 1 per token, expert ids (N, k), probs (N, E) fp32.
-    Router math is fp32 even under bf16 autocast: softmax over near-equal logits is where
-    low precision flips top-k choices."""
+def route(x, gate_weight, topk, router="softmax", bias=None, route_scale=1.0):
+    """x: (N, d), gate_weight: (E, d). Returns
+    weights (N, k) fp32: how much each chosen expert's output counts (sum = route_scale, or
+                         the raw probability for softmax top-1, as in Switch),
+    expert_ids (N, k),
+    probs (N, E) fp32:   each token's normalised affinity to every expert (for balance/entropy),
+    logits (N, E) fp32:  for the z-loss.
+    `bias` (E,) shifts only which experts are chosen, never the weights (aux-free balancing).
+    Router math is fp32 even under bf16 autocast: near-equal logits are where low precision
+    flips top-k choices."""
     logits = F.linear(x.float(), gate_weight.float())
-    probs = torch.softmax(logits, dim=-1)
-    topk_probs, expert_ids = torch.topk(probs, topk, dim=-1)
-    # Renormalise over the chosen k (as in Mixtral) so the MoE output has the scale of one
-    # dense MLP regardless of k and E; with k=1 the weight is 1 and the gate would get no
-    # gradient, so for top-1 keep the raw probability (Switch).
-    weights = topk_probs / topk_probs.sum(dim=-1, keepdim=True) if topk > 1 else topk_probs
-    return weights, expert_ids, probs
+    if router == "sigmoid":
+        # DeepSeek-V3: independent per-expert affinities; weights are the chosen affinities
+        # renormalised, so experts do not compete through a softmax denominator.
+        scores = torch.sigmoid(logits)
+        probs = scores / scores.sum(dim=-1, keepdim=True)
+    else:
+        scores = probs = torch.softmax(logits, dim=-1)
+    choice = scores if bias is None else scores + bias
+    expert_ids = torch.topk(choice, topk, dim=-1).indices
+    chosen = scores.gather(1, expert_ids)
+    if router == "softmax" and topk == 1:
+        weights = chosen  # renormalising one weight gives 1 and the gate would get no gradient
+    else:
+        weights = chosen / chosen.sum(dim=-1, keepdim=True)
+    return weights * route_scale, expert_ids, probs, logits
 
 
 def switch_balance_loss(probs, expert_ids, n_experts):
@@ -42,6 +66,12 @@ def switch_balance_loss(probs, expert_ids, n_experts):
     f = counts.to(probs.dtype) / expert_ids.numel()
     p = probs.mean(dim=0)
     return n_experts * torch.sum(f * p)
+
+
+def router_z_loss(logits):
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2. Keeps router logits small, where
+    bf16 rounding and softmax saturation do no harm."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
 
 
 def dispatch(expert_ids, n_experts):
@@ -56,6 +86,19 @@ def dispatch(expert_ids, n_experts):
     counts = torch.bincount(flat, minlength=n_experts)
     offsets = torch.cumsum(counts, dim=0).to(torch.int32)
     return order, token_ids, offsets
+
+
+def capacity_slots(expert_ids, order, offsets, capacity):
+    """For capacity-limited routing: the slot (expert * C + position in the expert's group) of
+    each sorted assignment, or E * C (an overflow slot that is thrown away) when the expert is
+    full. Earlier tokens in the batch win, as in Switch. Returns (slots, kept mask)."""
+    n_experts = offsets.numel()
+    sorted_experts = expert_ids.flatten()[order]
+    starts = offsets.long() - torch.bincount(sorted_experts, minlength=n_experts)
+    position = torch.arange(order.numel(), device=order.device) - starts[sorted_experts]
+    kept = position < capacity
+    slots = torch.where(kept, sorted_experts * capacity + position, n_experts * capacity)
+    return slots, kept
 
 
 def _grouped_mm_ok(x, w):
@@ -84,18 +127,31 @@ def grouped_linear(x, w, offsets):
     return torch.cat([F.linear(chunk, w[e]) for e, chunk in enumerate(chunks)], dim=0)
 
 
+def _compute_dtype(x):
+    """Under autocast, cast expert operands explicitly: grouped_mm and bmm on stacked weights are
+    not all on autocast's op lists, and the CUDA grouped kernel wants bf16."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        return torch.bfloat16  # see _grouped_mm_ok: compiled grouped_mm wants bf16
+    return x.dtype
+
+
 def expert_mlp(x_sorted, w_fc, w_proj, offsets):
     """The experts, all at once: relu(x W_fc^T)^2 W_proj^T per expert group (same form as the
-    dense MLP). Under autocast the operands are cast explicitly, since grouped_mm is not on
-    autocast's op list and the CUDA kernel wants bf16."""
-    dtype = x_sorted.dtype
-    if x_sorted.is_cuda and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-    elif torch.compiler.is_compiling() and x_sorted.device.type == "cpu":
-        dtype = torch.bfloat16  # see _grouped_mm_ok: compiled grouped_mm wants bf16
+    dense MLP), over rows sorted by expert."""
+    dtype = _compute_dtype(x_sorted)
     h = grouped_linear(x_sorted.to(dtype), w_fc.to(dtype), offsets)
     h = F.relu(h).square()
     return grouped_linear(h, w_proj.to(dtype), offsets)
+
+
+def expert_mlp_padded(x_slots, w_fc, w_proj):
+    """The experts on a fixed (E, C, d) buffer: two batched matmuls, no jagged shapes."""
+    dtype = x_slots.dtype if x_slots.is_cuda and not torch.is_autocast_enabled("cuda") else _compute_dtype(x_slots)
+    h = torch.bmm(x_slots.to(dtype), w_fc.to(dtype).transpose(1, 2))
+    h = F.relu(h).square()
+    return torch.bmm(h, w_proj.to(dtype).transpose(1, 2))
 
 
 def combine(y_sorted, order, weights):
@@ -107,43 +163,145 @@ def combine(y_sorted, order, weights):
     return torch.bmm(weights.to(y.dtype).unsqueeze(1), y.view(n_tokens, k, -1)).squeeze(1)
 
 
-class MoE(nn.Module):
-    """Drop-in replacement for the dense MLP: (B, T, d) -> ((B, T, d), balance_loss)."""
-
-    def __init__(self, config):
-        super().__init__()
-        d = config.n_embd
-        self.n_experts = config.n_experts
-        self.topk = config.expert_topk
-        self.hidden = expert_hidden_dim(config)
-        self.router = nn.Linear(d, config.n_experts, bias=False)
-        # Stacked expert weights in nn.Linear layout (out, in): one tensor per matrix kind, so
-        # the optimizer sees a (E, out, in) batch and Muon orthogonalises each expert separately.
-        self.w_fc = nn.Parameter(torch.empty(config.n_experts, self.hidden, d))
-        self.w_proj = nn.Parameter(torch.empty(config.n_experts, d, self.hidden))
-
-    def forward(self, x):
-        B, T, d = x.shape
-        x_flat = x.reshape(B * T, d)
-        weights, expert_ids, probs = route(x_flat, self.router.weight, self.topk)
-        balance_loss = switch_balance_loss(probs, expert_ids, self.n_experts)
-        order, token_ids, offsets = dispatch(expert_ids, self.n_experts)
-        y_sorted = expert_mlp(x_flat[token_ids], self.w_fc, self.w_proj, offsets)
-        out = combine(y_sorted, order, weights)
-        return out.to(x.dtype).view(B, T, d), balance_loss
-
-
 def expert_hidden_dim(config):
     """Hidden width of one expert: expert_hidden_mult x n_embd (fractions allowed, e.g. 0.5 for
     fine-grained experts), rounded to an integer."""
     return max(1, int(round(config.expert_hidden_mult * config.n_embd)))
 
 
+class MoE(nn.Module):
+    """Drop-in replacement for the dense MLP: (B, T, d) -> ((B, T, d), {balance_loss, z_loss})."""
+
+    def __init__(self, config):
+        super().__init__()
+        d = config.n_embd
+        self.n_experts = config.n_experts
+        self.topk = config.expert_topk
+        self.router_kind = config.router
+        self.route_scale = config.route_scale
+        self.capacity_factor = config.capacity_factor
+        self.hidden = expert_hidden_dim(config)
+        self.router = nn.Linear(d, config.n_experts, bias=False)
+        # Stacked expert weights in nn.Linear layout (out, in): one tensor per matrix kind, so
+        # the optimizer sees a (E, out, in) batch and Muon orthogonalises each expert separately.
+        self.w_fc = nn.Parameter(torch.empty(config.n_experts, self.hidden, d))
+        self.w_proj = nn.Parameter(torch.empty(config.n_experts, d, self.hidden))
+        # Shared experts are always on for every token. n of them of width h are one MLP of
+        # width n*h (relu^2 acts per hidden unit), so they are held as one pair of linears.
+        self.n_shared = config.n_shared_experts
+        if self.n_shared:
+            self.shared_fc = nn.Linear(d, self.n_shared * self.hidden, bias=False)
+            self.shared_proj = nn.Linear(self.n_shared * self.hidden, d, bias=False)
+        # Aux-loss-free balancing bias: used only to choose experts, moved by the trainer after
+        # each optimizer step (update_expert_bias), saved with the weights (persistent buffer).
+        self.register_buffer("expert_bias", torch.zeros(config.n_experts), persistent=True)
+        self.use_bias = config.aux_free_bias > 0
+        # Training-time accumulators, read and reset by the trainer (no host sync in forward):
+        # load since the last optimizer step (for the bias), and stats since the last log.
+        self.register_buffer("load_since_step", torch.zeros(config.n_experts), persistent=False)
+        self.register_buffer("stats", torch.zeros(config.n_experts + len(STAT_FIELDS)), persistent=False)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        x_flat = x.reshape(B * T, d)
+        n_tokens = B * T
+        weights, expert_ids, probs, logits = route(x_flat, self.router.weight, self.topk, self.router_kind,
+                                                   self.expert_bias if self.use_bias else None, self.route_scale)
+        balance_loss = switch_balance_loss(probs, expert_ids, self.n_experts)
+        z_loss = router_z_loss(logits)
+        order, token_ids, offsets = dispatch(expert_ids, self.n_experts)
+        x_sorted = x_flat[token_ids]
+        if self.capacity_factor > 0:
+            capacity = math.ceil(self.capacity_factor * n_tokens * self.topk / self.n_experts)
+            slots, kept = capacity_slots(expert_ids, order, offsets, capacity)
+            x_slots = x_sorted.new_zeros(self.n_experts * capacity + 1, d).index_copy(0, slots, x_sorted)
+            y_slots = expert_mlp_padded(x_slots[:-1].view(self.n_experts, capacity, d), self.w_fc, self.w_proj)
+            y_slots = torch.cat([y_slots.reshape(-1, d), y_slots.new_zeros(1, d)])  # overflow slot reads 0
+            y_sorted = y_slots[slots]
+            n_dropped = (~kept).sum()
+        else:
+            y_sorted = expert_mlp(x_sorted, self.w_fc, self.w_proj, offsets)
+            n_dropped = torch.zeros((), device=x.device)
+        out = combine(y_sorted, order, weights)
+        if self.n_shared:
+            out = out + self.shared_proj(F.relu(self.shared_fc(x_flat)).square()).to(out.dtype)
+        if self.training:
+            with torch.no_grad():
+                counts = torch.bincount(expert_ids.flatten(), minlength=self.n_experts).float()
+                if self.use_bias:
+                    self.load_since_step += counts
+                entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum()
+                extra = torch.stack([entropy, torch.tensor(float(n_tokens), device=x.device), n_dropped.float(),
+                                     balance_loss.detach(), z_loss.detach(), torch.ones((), device=x.device)])
+                self.stats += torch.cat([counts, extra])
+        return out.to(x.dtype).view(B, T, d), {"balance_loss": balance_loss, "z_loss": z_loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer-side helpers: the aux-free bias update and the routing statistics of every MoE layer
+
+def moe_layers(model):
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def _all_reduce_sum(t, world_size):
+    if world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def update_expert_bias(model, rate, world_size=1):
+    """After each optimizer step: bias += rate * sign(mean_load - load), mean-centred so the
+    biases do not drift together. Loads are summed over the gradient-accumulation micro-steps
+    (the buffers accumulate) and over ranks, so every rank applies the same update."""
+    layers = moe_layers(model)
+    if not layers:
+        return
+    loads = _all_reduce_sum(torch.stack([m.load_since_step for m in layers]), world_size)
+    for m, load in zip(layers, loads):
+        step = torch.sign(load.mean() - load)
+        m.expert_bias += rate * (step - step.mean())
+        m.load_since_step.zero_()
+
+
+@torch.no_grad()
+def collect_moe_stats(model, world_size=1):
+    """Routing statistics of every MoE layer since the last call (then reset), summed over
+    ranks: one list of dicts (one per layer). One host sync for all layers."""
+    layers = moe_layers(model)
+    if not layers:
+        return []
+    stacked = _all_reduce_sum(torch.stack([m.stats for m in layers]), world_size)
+    for m in layers:
+        m.stats.zero_()
+    out = []
+    for m, row in zip(layers, stacked.tolist()):
+        counts, extra = row[:m.n_experts], dict(zip(STAT_FIELDS, row[m.n_experts:]))
+        total = sum(counts)
+        forwards = max(extra["forwards"], 1.0)
+        load = [c / total if total else 0.0 for c in counts]
+        mean = total / m.n_experts
+        std = math.sqrt(sum((c - mean) ** 2 for c in counts) / m.n_experts)
+        out.append(dict(
+            load=[round(v, 5) for v in load],
+            cv=std / mean if mean else 0.0,                  # coefficient of variation of the load
+            max_load=max(counts) / mean if mean else 0.0,    # x the balanced load
+            min_load=min(counts) / mean if mean else 0.0,
+            dead=sum(1 for c in counts if c == 0),           # experts that got no token at all
+            entropy=extra["entropy"] / max(extra["tokens"], 1.0),  # nats per token
+            dropped=extra["dropped"] / max(total, 1.0),      # fraction of assignments dropped
+            balance_loss=extra["balance_loss"] / forwards,
+            z_loss=extra["z_loss"] / forwards,
+        ))
+    return out
+
+
 def naive_moe_forward(x, gate_weight, w_fc, w_proj, topk):
     """REFERENCE ONLY, never on the training path: the per-expert Python loop with boolean
-    masks that earlier MoE code used. Host syncs and data-dependent shapes per expert make it
-    slow on GPUs and hostile to torch.compile. x: (N, d). Returns (N, d)."""
-    weights, expert_ids, _ = route(x, gate_weight, topk)
+    masks that earlier MoE code used (softmax router, dropless). Host syncs and data-dependent
+    shapes per expert make it slow on GPUs and hostile to torch.compile. x: (N, d) -> (N, d)."""
+    weights, expert_ids, _, _ = route(x, gate_weight, topk)
     out = torch.zeros_like(x)
     for e in range(w_fc.size(0)):
         mask = expert_ids == e                      # (N, k)

@@ -43,8 +43,16 @@ def parse_args(argv=None):
     p.add_argument("--expert-topk", type=int, default=2)
     p.add_argument("--moe-freq", type=int, default=1, help="every n-th layer is MoE (1 = all)")
     p.add_argument("--expert-hidden-mult", type=float, default=0.0,
-                   help="expert hidden width / model width; 0 = 4 / expert-topk (iso-FLOPs with the dense 4x MLP)")
+                   help="expert hidden width / model width; 0 = 4 / (expert-topk + n-shared-experts), iso-FLOPs with the dense 4x MLP")
     p.add_argument("--balance-loss-coeff", type=float, default=0.01, help="weight of the Switch balance loss")
+    p.add_argument("--router", default="softmax", choices=["softmax", "sigmoid"], help="router scores (sigmoid: DeepSeek-V3)")
+    p.add_argument("--route-scale", type=float, default=1.0, help="scale of the combine weights")
+    p.add_argument("--n-shared-experts", type=int, default=0, help="always-on experts per MoE layer")
+    p.add_argument("--aux-free-bias", type=float, default=0.0,
+                   help="aux-loss-free balancing: bias update rate per optimizer step (0 = off), e.g. 0.001")
+    p.add_argument("--router-z-loss", type=float, default=0.0, help="weight of the router z-loss (ST-MoE), e.g. 0.001")
+    p.add_argument("--capacity-factor", type=float, default=0.0, help="expert capacity factor; 0 = dropless")
+    p.add_argument("--moe-stats-every", type=int, default=20, help="steps between routing-statistics records")
     # Data
     p.add_argument("--data", default="synthetic", help="synthetic | fineweb | PATH (folder of shards, or .txt/.jsonl/.parquet)")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocab size when a tokenizer must be trained for --data")
@@ -113,6 +121,12 @@ def validate_args(args, world_size):
         need(args.moe_freq <= args.depth, f"--moe-freq {args.moe_freq} > --depth {args.depth}: no layer would be MoE")
         need(args.expert_hidden_mult >= 0, f"--expert-hidden-mult must be > 0, or 0 for 4 / --expert-topk (got {args.expert_hidden_mult})")
         need(args.balance_loss_coeff >= 0, f"--balance-loss-coeff must be >= 0 (got {args.balance_loss_coeff})")
+        need(args.route_scale > 0, f"--route-scale must be > 0 (got {args.route_scale})")
+        need(args.n_shared_experts >= 0, f"--n-shared-experts must be >= 0 (got {args.n_shared_experts})")
+        need(args.aux_free_bias >= 0, f"--aux-free-bias must be >= 0 (got {args.aux_free_bias})")
+        need(args.router_z_loss >= 0, f"--router-z-loss must be >= 0 (got {args.router_z_loss})")
+        need(args.capacity_factor >= 0, f"--capacity-factor must be >= 0, 0 = dropless (got {args.capacity_factor})")
+        need(args.moe_stats_every >= 1, f"--moe-stats-every must be >= 1 (got {args.moe_stats_every})")
     need(args.device_batch_size >= 1, f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
     tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
     need(args.total_batch_size > 0 and args.total_batch_size % tokens_per_fwdbwd == 0,
@@ -246,7 +260,7 @@ def main(argv=None):
     ddp, rank, local_rank, world_size = get_dist_info()
     device_type, n_embd, n_head, n_kv_head = validate_args(args, world_size)
     if args.use_moe and args.expert_hidden_mult == 0:
-        args.expert_hidden_mult = 4 / args.expert_topk
+        args.expert_hidden_mult = 4 / (args.expert_topk + args.n_shared_experts)
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     try:
         train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv_head)
@@ -261,6 +275,7 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     from nanochat.dataloader import data_loader
     from nanochat.dataset import list_shards, split_shards, read_entropy_floor
     from nanochat.loss_eval import evaluate_bpb
+    from nanochat.moe import update_expert_bias, collect_moe_stats
     from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_latest_step, set_rng_state
 
     master = rank == 0
@@ -276,7 +291,9 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth,
                        n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, use_moe=args.use_moe,
                        n_experts=args.n_experts, expert_topk=args.expert_topk, moe_freq=args.moe_freq,
-                       expert_hidden_mult=args.expert_hidden_mult if args.use_moe else 4)
+                       expert_hidden_mult=args.expert_hidden_mult if args.use_moe else 4, router=args.router,
+                       route_scale=args.route_scale, n_shared_experts=args.n_shared_experts,
+                       aux_free_bias=args.aux_free_bias, capacity_factor=args.capacity_factor)
     model = build_model(config, device)
     params = model.num_scaling_params()
     flops_per_token = model.estimate_flops()
@@ -372,6 +389,27 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
         save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state=consumed_state, meta=meta,
                         name=name, keep=args.keep_checkpoints)
 
+    dead_streak = {}  # (layer, expert) -> consecutive stats intervals without a single token
+
+    def log_moe_stats(step, flops):
+        """Per-layer routing statistics since the last call: one metrics record, wandb, a
+        one-line summary, and a warning for experts that stay dead."""
+        layers = collect_moe_stats(model, world_size)
+        metrics.write(dict(type="moe", step=step, flops=flops, layers=layers))
+        for i, s in enumerate(layers):
+            wandb_run.log({"step": step, **{f"moe/layer{i}/{k}": v for k, v in s.items() if k != "load"}})
+        n = len(layers)
+        print0(f"  moe   | step {step:05d} | load cv {sum(s['cv'] for s in layers) / n:.3f} "
+               f"| max/min load {max(s['max_load'] for s in layers):.2f}/{min(s['min_load'] for s in layers):.2f} "
+               f"| dead {sum(s['dead'] for s in layers)} | entropy {sum(s['entropy'] for s in layers) / n:.3f} "
+               f"| dropped {sum(s['dropped'] for s in layers) / n:.4f} | z {sum(s['z_loss'] for s in layers) / n:.3f}")
+        for i, s in enumerate(layers):
+            for e, share in enumerate(s["load"]):
+                dead_streak[i, e] = dead_streak.get((i, e), 0) + 1 if share == 0 else 0
+                if dead_streak[i, e] == 3:
+                    print0(f"  warning: MoE layer {i} expert {e} has received no token for 3 intervals "
+                           f"({3 * args.moe_stats_every} steps); consider --aux-free-bias or a larger --balance-loss-coeff")
+
     # consumed_state: the loader state after the last batch trained on (what a checkpoint
     # saves); the batch in x/y has been fetched ahead and is not consumed yet.
     train_batches = rank_loader(train_shards, loader_state, True)
@@ -405,15 +443,15 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
 
         # One optimizer step: grad_accum micro-batches, then all-reduce, then update.
         t0 = time.time()
-        ce_sum = torch.zeros((), device=device)
-        bal_sum = torch.zeros((), device=device)
+        loss_sums = torch.zeros(3, device=device)  # cross-entropy, balance loss, z-loss
         for _ in range(grad_accum):
             with autocast:
-                ce, balance = train_model(x, y)
-            loss = ce + args.balance_loss_coeff * balance if args.use_moe else ce
+                ce, aux = train_model(x, y)
+            loss = ce
+            if args.use_moe:
+                loss = loss + args.balance_loss_coeff * aux["balance_loss"] + args.router_z_loss * aux["z_loss"]
             (loss / grad_accum).backward()
-            ce_sum += ce.detach()
-            bal_sum += balance.detach()
+            loss_sums += torch.stack([ce.detach(), aux["balance_loss"].detach(), aux["z_loss"].detach()])
             consumed_state = next_state
             x, y, next_state = next(train_batches)
         all_reduce_grads(model, world_size)
@@ -426,11 +464,13 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        stats = torch.stack([ce_sum, bal_sum]) / grad_accum
+        if args.aux_free_bias > 0:
+            update_expert_bias(model, args.aux_free_bias, world_size)
+        loss_means = loss_sums / grad_accum
         if ddp:
-            dist.all_reduce(stats)
-            stats /= world_size
-        train_loss, balance_loss = stats.tolist()  # one host sync per step, for logging
+            dist.all_reduce(loss_means)
+            loss_means /= world_size
+        train_loss, balance_loss, z_loss = loss_means.tolist()  # one host sync per step, for logging
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -452,10 +492,12 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
         record = dict(type="train", step=step, flops=flops_done, tokens=step * tokens_per_step, train_loss=train_loss,
                       lr_mult=lrm, dt=dt, tok_per_sec=tok_per_sec, mfu=mfu, epoch=consumed_state["epoch"])
         if args.use_moe:
-            record["balance_loss"] = balance_loss
+            record.update(balance_loss=balance_loss, z_loss=z_loss)
         metrics.write(record)
         wandb_run.log({"step": step, "flops": flops_done, "train/loss": train_loss, "train/balance_loss": balance_loss,
-                       "train/lrm": lrm, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu or 0.0})
+                       "train/z_loss": z_loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu or 0.0})
+        if args.use_moe and (step % args.moe_stats_every == 0 or step == num_iterations):
+            log_moe_stats(step, flops_done)
         if step % args.log_every == 0 or step == num_iterations:
             bal = f" | bal {balance_loss:.4f}" if args.use_moe else ""
             mfu_s = f"{mfu:.1f}%" if mfu is not None else "n/a"

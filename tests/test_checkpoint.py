@@ -31,8 +31,8 @@ def train_steps(model, optimizers, n=2, seed=1):
     for _ in range(n):
         x = torch.randint(0, CONFIG["vocab_size"], (2, 16), generator=g)
         y = torch.randint(0, CONFIG["vocab_size"], (2, 16), generator=g)
-        ce, bal = model(x, y)
-        (ce + 0.01 * bal).backward()
+        ce, aux = model(x, y)
+        (ce + 0.01 * aux["balance_loss"]).backward()
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)

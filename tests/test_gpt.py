@@ -24,8 +24,8 @@ def test_shapes_and_losses():
     logits = model(idx)
     assert logits.shape == (3, 32, 512) and logits.dtype == torch.float32
     assert logits.abs().max() < 15.0  # softcap
-    loss, balance = model(idx, idx)
-    assert loss.shape == () and balance.shape == ()
+    loss, aux = model(idx, idx)
+    assert loss.shape == () and aux["balance_loss"].shape == () and aux["z_loss"].shape == ()
     per_token, _ = model(idx, idx, loss_reduction="none")
     assert per_token.shape == (3, 32)
     assert per_token.mean().item() == pytest.approx(loss.item(), rel=1e-5)
@@ -41,8 +41,8 @@ def test_shapes_and_losses():
 def test_dense_path_has_no_moe():
     model = build_model(dense_cfg(), "cpu")
     assert all(isinstance(b.mlp, MLP) and not b.is_moe for b in model.transformer.h)
-    loss, balance = model(torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16)))
-    assert balance.item() == 0.0
+    loss, aux = model(torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16)))
+    assert aux["balance_loss"].item() == 0.0 and aux["z_loss"].item() == 0.0
     assert "Active = Total (Dense model)" in describe_params(model)
 
 

@@ -25,7 +25,7 @@ def make_moe(d=32, n_experts=4, topk=2, mult=2, seed=0):
 def test_route_matches_softmax_topk():
     torch.manual_seed(0)
     x, gate = torch.randn(50, 16), torch.randn(6, 16)
-    weights, ids, probs = route(x, gate, 3)
+    weights, ids, probs, _ = route(x, gate, 3)
     ref_probs = torch.softmax(x @ gate.T, dim=-1)
     assert torch.allclose(probs, ref_probs, atol=1e-6)
     for t in range(50):
@@ -39,7 +39,7 @@ def test_route_matches_softmax_topk():
 def test_top1_weight_is_raw_probability():
     torch.manual_seed(0)
     x, gate = torch.randn(20, 8), torch.randn(4, 8)
-    weights, ids, probs = route(x, gate, 1)
+    weights, ids, probs, _ = route(x, gate, 1)
     assert torch.allclose(weights[:, 0], probs.gather(1, ids)[:, 0])
 
 
@@ -82,7 +82,7 @@ def test_gradients_reach_selected_experts_and_router_only():
     x = torch.randn(1, 5, 32)  # few tokens: some experts are not selected
     y, _ = moe(x)
     (y * torch.randn_like(y)).sum().backward()
-    _, ids, _ = route(x.view(-1, 32), moe.router.weight, 2)
+    _, ids, _, _ = route(x.view(-1, 32), moe.router.weight, 2)
     selected = set(ids.flatten().tolist())
     assert len(selected) < 8
     for e in range(8):
@@ -99,8 +99,9 @@ def test_experts_with_no_tokens_are_fine():
         moe.router.weight[1, 0] = 40.0
     x = torch.randn(2, 9, 32)
     x[..., 0] = x[..., 0].abs() + 1.0
-    y, balance = moe(x)
-    _, ids, _ = route(x.view(-1, 32), moe.router.weight, 2)
+    y, losses = moe(x)
+    balance = losses["balance_loss"]
+    _, ids, _, _ = route(x.view(-1, 32), moe.router.weight, 2)
     assert set(ids.flatten().tolist()) == {0, 1}
     ref = naive_moe_forward(x.view(-1, 32), moe.router.weight, moe.w_fc, moe.w_proj, 2)
     assert torch.allclose(y.view(-1, 32), ref, atol=1e-5)
@@ -118,7 +119,8 @@ def test_balance_loss_uniform_router_is_one():
     torch.nn.init.zeros_(moe.router.weight)
     torch.nn.init.normal_(moe.w_fc)
     torch.nn.init.zeros_(moe.w_proj)
-    _, balance = moe(torch.randn(2, 7, 16))
+    _, losses = moe(torch.randn(2, 7, 16))
+    balance = losses["balance_loss"]
     assert balance.item() == pytest.approx(1.0, abs=1e-6)
 
 
