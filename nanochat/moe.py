@@ -32,8 +32,8 @@ STAT_FIELDS = ("entropy", "tokens", "dropped", "balance_loss", "z_loss", "forwar
 
 def route(x, gate_weight, topk, router="softmax", bias=None, route_scale=1.0):
     """x: (N, d), gate_weight: (E, d). Returns
-    weights (N, k) fp32: how much each chosen expert's output counts (sum = route_scale, or
-                         the raw probability for softmax top-1, as in Switch),
+    weights (N, k) fp32: how much each chosen expert's output counts (sum = route_scale; for
+                         top-1 the raw score times route_scale, as in Switch),
     expert_ids (N, k),
     probs (N, E) fp32:   each token's normalised affinity to every expert (for balance/entropy),
     logits (N, E) fp32:  for the z-loss.
@@ -51,7 +51,7 @@ def route(x, gate_weight, topk, router="softmax", bias=None, route_scale=1.0):
     choice = scores if bias is None else scores + bias
     expert_ids = torch.topk(choice, topk, dim=-1).indices
     chosen = scores.gather(1, expert_ids)
-    if router == "softmax" and topk == 1:
+    if topk == 1:
         weights = chosen  # renormalising one weight gives 1 and the gate would get no gradient
     else:
         weights = chosen / chosen.sum(dim=-1, keepdim=True)

@@ -18,7 +18,7 @@ TARGET_FLOPS="${TARGET_FLOPS:-1.2e13}"
 N_EXPERTS="${N_EXPERTS:-8}"
 TOPK="${TOPK:-2}"
 EXPERT_MULT="${EXPERT_MULT:-2}"   # TOPK x EXPERT_MULT = 4: iso-FLOPs with the dense 4x MLP
-TAG="${TAG:-cpu}"
+TAG="${TAG:-cpu}"          # runs are <TAG>_dense and <TAG>_moe; OUT= sets where the comparison goes
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 
 run() {
@@ -27,6 +27,7 @@ run() {
 }
 
 if [ -z "${DRY_RUN:-}" ]; then
+    # shellcheck source=runs/setup_env.sh
     source runs/setup_env.sh
 fi
 
@@ -37,4 +38,6 @@ COMMON=(--data "$DATA" --vocab-size "$VOCAB" --depth "$DEPTH" --n-embd "$WIDTH" 
 run python -m scripts.base_train "${COMMON[@]}" --model-tag "${TAG}_dense"
 run python -m scripts.base_train "${COMMON[@]}" --use-moe --n-experts "$N_EXPERTS" --expert-topk "$TOPK" \
     --expert-hidden-mult "$EXPERT_MULT" --model-tag "${TAG}_moe"
-run python -m scripts.compare --runs "${TAG}_dense" "${TAG}_moe"
+OUT="${OUT:-${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/comparisons/${TAG}}"
+run python -m scripts.compare --runs "${TAG}_dense" "${TAG}_moe" --out "$OUT"
+echo "plot: $OUT/comparison.png"

@@ -228,7 +228,7 @@ def format_eta(seconds):
 class MetricsLog:
     """metrics.jsonl on rank 0: one JSON object per line, flushed as written. On resume from
     step s, records the resumed run will write again are cut first (evals and the summary
-    at or after s, train records after s), so every step appears once."""
+    at or after s, train and moe records after s), so every step appears once."""
 
     def __init__(self, path, enabled, resume_step=0):
         self.enabled = enabled
@@ -239,7 +239,7 @@ class MetricsLog:
             with open(path) as f:
                 records = [json.loads(line) for line in f if line.strip()]
             keep = [r for r in records if r.get("type") == "header" or r.get("step", 0) < resume_step
-                    or (r.get("type") == "train" and r.get("step") == resume_step)]
+                    or (r.get("type") in ("train", "moe") and r.get("step") == resume_step)]
             with open(path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
             os.replace(path + ".tmp", path)

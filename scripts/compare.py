@@ -1,18 +1,28 @@
 """
-Side-by-side table of finished runs, read from their metrics.jsonl.
+Compare finished runs at equal training FLOPs (never at equal steps).
 
-    python -m scripts.compare --runs cpu_dense cpu_moe
+    python -m scripts.compare --runs cpu_dense cpu_moe --out comparison/
 
 A run is a model tag (a folder under $NANOCHAT_BASE_DIR/runs) or a path to a run folder.
+Prints a table and, with --out, writes comparison.md and comparison.png (val bpb vs
+cumulative training FLOPs, log-x).
+
+Compute multiplier of a run = (FLOPs the baseline needed to reach the run's final val bpb) /
+(the run's FLOPs), reading the baseline's val-bpb curve with linear interpolation in
+log-FLOPs between its evaluations. 1.4 means the baseline needs 1.4x the compute for the
+same quality. When the baseline never got that low, it is "> x" with x = the baseline's
+total FLOPs / the run's FLOPs. The baseline is --baseline, else the first dense run.
 """
 
 import json
+import math
 import os
 
 from nanochat.common import UserError, ArgumentParser, run_main, get_base_dir
 
 
 def load_run(run):
+    """(name, header, evals [(flops, val_bpb)], summary, mean MFU or None) of a finished run."""
     run_dir = run if os.path.isdir(run) else os.path.join(get_base_dir(), "runs", run)
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
@@ -20,6 +30,8 @@ def load_run(run):
     records = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
@@ -28,34 +40,140 @@ def load_run(run):
     summary = next((r for r in reversed(records) if r.get("type") == "summary"), None)
     if header is None or summary is None:
         raise UserError(f"--runs {run}: {path} has no header or no summary (unfinished run?)")
-    return os.path.basename(os.path.normpath(run_dir)), header, summary
+    evals = sorted((r["flops"], r["val_bpb"]) for r in records if r.get("type") == "eval")
+    mfus = [r["mfu"] for r in records if r.get("type") == "train" and r.get("mfu") is not None]
+    mfu = sum(mfus) / len(mfus) if mfus else None
+    return os.path.basename(os.path.normpath(run_dir)), header, evals, summary, mfu
 
 
-def fmt_int(n):
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+def bpb_at(evals, flops):
+    """Val bpb at `flops`, interpolated linearly in log-FLOPs; None outside the curve."""
+    for (f0, b0), (f1, b1) in zip(evals, evals[1:]):
+        if f0 <= flops <= f1 and f1 > 0:
+            if f0 <= 0 or f1 == f0:
+                return b1 if flops == f1 else b0
+            t = (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
+            return b0 + t * (b1 - b0)
+    if evals and flops == evals[-1][0]:
+        return evals[-1][1]
+    return None
 
 
-def table(runs):
-    cols = ["run", "params total", "params active", "FLOPs/token", "tokens", "FLOPs", "final val bpb",
-            "entropy floor", "tok/s", "wall"]
+def flops_to_reach(evals, target):
+    """First FLOPs at which the curve gets down to `target` (log-FLOPs interpolation), or None."""
+    for (f0, b0), (f1, b1) in zip(evals, evals[1:]):
+        if b1 <= target < b0 and f0 > 0:
+            t = (b0 - target) / (b0 - b1)
+            return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0)))
+        if b0 <= target:
+            return f0 if f0 > 0 else f1
+    if evals and evals[-1][1] <= target:
+        return evals[-1][0]
+    return None
+
+
+def compute_multiplier(baseline_evals, run_final_bpb, run_flops):
+    """(value, reached): baseline FLOPs to reach the run's final bpb / run FLOPs."""
+    needed = flops_to_reach(baseline_evals, run_final_bpb)
+    if needed is None:
+        return baseline_evals[-1][0] / run_flops, False
+    return needed / run_flops, True
+
+
+def build_rows(runs, baseline_idx):
+    common = min(evals[-1][0] for _, _, evals, _, _ in runs)
+    base_evals = runs[baseline_idx][2]
     rows = []
-    for name, header, s in runs:
+    for i, (name, header, evals, s, mfu) in enumerate(runs):
         floor = s.get("entropy_floor")
-        rows.append([name, fmt_int(s["total"]), fmt_int(s["active_total"]), f"{s['flops_per_token']:.3e}",
-                     f"{s['tokens']:,}", f"{s['flops']:.3e}", f"{s['final_val_bpb']:.4f}",
-                     f"{floor:.4f}" if floor is not None else "n/a", f"{s['tok_per_sec']:,.0f}",
-                     f"{s['wall_time']:.0f}s"])
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+        at_common = bpb_at(evals, common)
+        if i == baseline_idx:
+            mult = "1 (baseline)"
+        else:
+            value, reached = compute_multiplier(base_evals, s["final_val_bpb"], evals[-1][0])
+            mult = f"{value:.2f}" if reached else f"> {value:.2f}"
+        rows.append(dict(run=name, total=f"{s['total'] / 1e6:.2f}M", active=f"{s['active_total'] / 1e6:.2f}M",
+                         flops_per_token=f"{s['flops_per_token']:.3e}", tokens=f"{s['tokens']:,}",
+                         flops=f"{evals[-1][0]:.3e}", final=f"{s['final_val_bpb']:.4f}",
+                         at_common=f"{at_common:.4f}" if at_common is not None else "n/a",
+                         tok_s=f"{s['tok_per_sec']:,.0f}", mfu=f"{mfu:.1f}%" if mfu is not None else "n/a",
+                         memory=f"{s.get('peak_memory_mb', float('nan')):,.0f} MiB",
+                         floor=f"{floor:.4f}" if floor is not None else "n/a", multiplier=mult))
+    return rows, common
+
+
+COLUMNS = [("run", "run"), ("total", "params total"), ("active", "params active"), ("flops_per_token", "FLOPs/token"),
+           ("tokens", "tokens"), ("flops", "FLOPs"), ("final", "final val bpb"), ("at_common", "val bpb @ common FLOPs"),
+           ("tok_s", "tok/s"), ("mfu", "MFU"), ("memory", "peak mem"), ("floor", "entropy floor"),
+           ("multiplier", "compute multiplier")]
+
+
+def markdown_table(rows):
+    cells = [[title for _, title in COLUMNS]] + [[r[key] for key, _ in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cols), sep] + [line(r) for r in rows])
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def plot(runs, common, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, header, evals, s, _ in runs:
+        pts = [(f, b) for f, b in evals if f > 0]
+        label = f"{name} ({s['active_total'] / 1e6:.2f}M active / {s['total'] / 1e6:.2f}M)"
+        ax.plot([f for f, _ in pts], [b for _, b in pts], marker="o", markersize=3, label=label)
+    floor = next((s.get("entropy_floor") for _, _, _, s, _ in runs if s.get("entropy_floor") is not None), None)
+    if floor is not None:
+        ax.axhline(floor, color="gray", linestyle="--", linewidth=1, label=f"entropy floor {floor:.4f}")
+    ax.axvline(common, color="gray", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (active params)")
+    ax.set_ylabel("val bits per byte")
+    ax.set_title("validation loss at equal training compute")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main():
-    p = ArgumentParser(prog="compare", description="Compare finished runs side by side.")
+    p = ArgumentParser(prog="compare", description="Compare finished runs at equal training FLOPs.")
     p.add_argument("--runs", nargs="+", required=True, help="model tags or run folders")
+    p.add_argument("--baseline", default="", help="run to measure compute multipliers against (default: first dense run)")
+    p.add_argument("--out", default="", help="folder for comparison.md and comparison.png")
     args = p.parse_args()
-    print(table([load_run(r) for r in args.runs]))
+    runs = [load_run(r) for r in args.runs]
+    for name, _, evals, _, _ in runs:
+        if not evals:
+            raise UserError(f"--runs {name}: no eval records (train with --eval-every)")
+    names = [r[0] for r in runs]
+    if args.baseline:
+        key = os.path.basename(os.path.normpath(args.baseline))
+        if key not in names:
+            raise UserError(f"--baseline {args.baseline} is not one of --runs ({', '.join(names)})")
+        baseline_idx = names.index(key)
+    else:
+        baseline_idx = next((i for i, r in enumerate(runs) if not r[1].get("config", {}).get("use_moe")), 0)
+    rows, common = build_rows(runs, baseline_idx)
+    table = markdown_table(rows)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        md = os.path.join(args.out, "comparison.md")
+        with open(md + ".tmp", "w") as f:
+            f.write(f"# Comparison at equal training FLOPs\n\nBaseline for the compute multiplier: "
+                    f"{names[baseline_idx]}. Common FLOPs: {common:.3e}.\n\n{table}\n")
+        os.replace(md + ".tmp", md)
+        png = os.path.join(args.out, "comparison.png")
+        try:
+            plot(runs, common, png)
+            print(f"wrote {md}\nwrote {png}")
+        except ImportError:
+            print(f"wrote {md} (no plot: pip install matplotlib)")
 
 
 if __name__ == "__main__":

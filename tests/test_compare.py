@@ -1,4 +1,4 @@
-"""scripts/compare.py: the side-by-side table read from metrics.jsonl files."""
+"""scripts/compare.py: alignment by FLOPs, interpolation, compute multiplier, outputs."""
 
 import json
 import subprocess
@@ -6,28 +6,72 @@ import sys
 
 import pytest
 
-from scripts.compare import load_run, table
+from scripts.compare import bpb_at, flops_to_reach, compute_multiplier, load_run, build_rows, markdown_table
 from nanochat.common import UserError
 
 
-def write_run(run_dir, total, active, bpb, floor=1.08):
+def write_run(run_dir, evals, total, active, use_moe, floor=1.0, tok_s=1234.5):
     run_dir.mkdir(parents=True)
-    records = [dict(type="header", total=total, active_total=active, flops_per_token=6e6),
-               dict(type="train", step=1, flops=6e6 * 100, train_loss=5.0),
-               dict(type="summary", step=10, flops=6e9, tokens=1000, final_val_bpb=bpb, entropy_floor=floor,
-                    total=total, active_total=active, flops_per_token=6e6, tok_per_sec=1234.5, wall_time=42.0)]
+    records = [dict(type="header", config=dict(use_moe=use_moe), total=total, active_total=active, flops_per_token=6e6)]
+    records += [dict(type="eval", step=i, flops=f, val_bpb=b) for i, (f, b) in enumerate(evals)]
+    records += [dict(type="train", step=1, flops=evals[1][0], train_loss=5.0, mfu=None)]
+    records.append(dict(type="summary", step=len(evals), flops=evals[-1][0], tokens=int(evals[-1][0] / 6e6),
+                        final_val_bpb=evals[-1][1], entropy_floor=floor, total=total, active_total=active,
+                        flops_per_token=6e6, tok_per_sec=tok_s, wall_time=42.0, peak_memory_mb=321.0))
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
 
 
-def test_table_has_each_run_and_its_numbers(tmp_path):
-    write_run(tmp_path / "dense", 1_310_720, 1_310_720, 1.2345)
-    write_run(tmp_path / "moe", 2_890_000, 1_313_000, 1.2001, floor=None)
-    text = table([load_run(str(tmp_path / "dense")), load_run(str(tmp_path / "moe"))])
-    lines = text.splitlines()
-    assert len(lines) == 4
-    dense, moe = lines[2], lines[3]
-    assert "dense" in dense and "1.31M" in dense and "1.2345" in dense and "1.0800" in dense and "1,234" in dense
-    assert "moe" in moe and "2.89M" in moe and "1.31M" in moe and "1.2001" in moe and "n/a" in moe
+DENSE = [(0, 3.0), (1e12, 2.0), (1e13, 1.5), (1e14, 1.2)]
+
+
+def test_interpolation_is_linear_in_log_flops():
+    assert bpb_at(DENSE, 1e13) == 1.5
+    # halfway between 1e13 and 1e14 in log space: 10**13.5
+    assert bpb_at(DENSE, 10**13.5) == pytest.approx(1.35)
+    assert bpb_at(DENSE, 2e14) is None
+    assert flops_to_reach(DENSE, 1.35) == pytest.approx(10**13.5)
+    assert flops_to_reach(DENSE, 1.5) == pytest.approx(1e13)
+    assert flops_to_reach(DENSE, 1.1) is None
+
+
+def test_compute_multiplier_hand_computed():
+    # An MoE that reaches 1.35 with 1e13 FLOPs: the dense run needed 10**13.5 -> 10**0.5 = 3.162
+    value, reached = compute_multiplier(DENSE, 1.35, 1e13)
+    assert reached and value == pytest.approx(10**0.5)
+    # never reached: dense ends at 1.2 with 1e14, the MoE got 1.1 with 5e13 -> "> 2"
+    value, reached = compute_multiplier(DENSE, 1.1, 5e13)
+    assert not reached and value == pytest.approx(2.0)
+
+
+def test_rows_align_by_flops_and_name_the_baseline(tmp_path):
+    write_run(tmp_path / "dense", DENSE, 1_310_720, 1_310_720, use_moe=False)
+    write_run(tmp_path / "moe", [(0, 3.0), (1e12, 1.9), (1e13, 1.35)], 2_890_000, 1_313_000, use_moe=True, floor=None)
+    runs = [load_run(str(tmp_path / "moe")), load_run(str(tmp_path / "dense"))]
+    rows, common = build_rows(runs, baseline_idx=1)
+    assert common == 1e13  # the largest FLOPs both runs reached
+    moe, dense = rows
+    assert dense["multiplier"] == "1 (baseline)"
+    assert moe["multiplier"] == f"{10**0.5:.2f}"
+    assert moe["at_common"] == "1.3500" and dense["at_common"] == "1.5000"
+    assert moe["final"] == "1.3500" and dense["final"] == "1.2000"
+    assert moe["floor"] == "n/a" and dense["floor"] == "1.0000"
+    text = markdown_table(rows)
+    assert text.count("\n") == 3 and "compute multiplier" in text and "2.89M" in text
+
+
+def test_cli_writes_markdown_and_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "dense", DENSE, 1_310_720, 1_310_720, use_moe=False)
+    write_run(tmp_path / "moe", [(0, 3.0), (1e12, 1.9), (1e14, 1.1)], 2_890_000, 1_313_000, use_moe=True)
+    out = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, "-m", "scripts.compare", "--runs", str(tmp_path / "dense"), str(tmp_path / "moe"),
+                        "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "> 1.00" in r.stdout  # dense never reached 1.1
+    md = (out / "comparison.md").read_text()
+    assert "Baseline for the compute multiplier: dense" in md
+    png = (out / "comparison.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 def test_unfinished_or_missing_run_is_a_clear_error(tmp_path):

@@ -1,0 +1,142 @@
+"""
+Plan an iso-FLOPs comparison: a dense GPT and an MoE with the same training FLOPs per token.
+
+    python -m scripts.iso_flops --depth 4 --n-embd 128 --n-experts 8 --expert-topk 2
+    python -m scripts.iso_flops --depth 12 --n-experts 64 --expert-topk 8 --n-shared-experts 1
+
+Per MoE layer the MoE spends (top-k + shared) x 2·d·h on experts plus E·d on the router,
+where the dense layer spends 2·d·4d on its MLP. Equal FLOPs therefore needs
+h = (8d − E) / (2 (top-k + shared)); h is rounded to a multiple of --align (kernels want
+aligned widths), and the remaining mismatch, measured with GPT.estimate_flops() of the two
+built models, is reported. Prints both configs side by side with params, FLOPs/token, a
+training-memory estimate, and the base_train flags to use.
+"""
+
+import math
+
+import torch
+
+from nanochat.common import UserError, ArgumentParser, run_main
+from nanochat.gpt import GPTConfig, GPT
+
+
+def moe_hidden_for_iso_flops(d, n_experts, topk, n_shared, align):
+    exact = (8 * d - n_experts) / (2 * (topk + n_shared))
+    return max(align, int(round(exact / align)) * align), exact
+
+
+def build_meta(config):
+    with torch.device("meta"):  # shapes only: no memory, no init
+        return GPT(config)
+
+
+def activation_bytes_per_token(cfg, bytes_per_value):
+    """Rough count of the activations autograd keeps per token (an estimate, not a
+    measurement): per layer the residual input, two norms, q/k/v, attention output and
+    projection input (~8d), then the MLP (input, 4d hidden before and after relu², ~9d) or
+    the MoE (router logits/probs 2E, k copies of the input and output in dispatch order
+    plus the un-permuted output ~3kd, 2 x k x h hidden, shared experts like a dense MLP of
+    width s·h); plus logits in fp32 three times (logits, softcap, CE grad)."""
+    d = cfg.n_embd
+    h = round(cfg.expert_hidden_mult * d)
+    total = 0
+    for layer in range(cfg.n_layer):
+        total += 8 * d
+        if cfg.is_moe_layer(layer):
+            k, s = cfg.expert_topk, cfg.n_shared_experts
+            total += 2 * cfg.n_experts + 3 * k * d + 2 * k * h + (2 * s * h + d if s else 0)
+        else:
+            total += 9 * d
+    return total * bytes_per_value + 3 * 4 * cfg.vocab_size
+
+
+def memory_estimate(model, batch_tokens, bytes_per_value):
+    """Training memory in bytes: fp32 weights and grads, optimizer states (AdamW: 2 per
+    param for embeddings/head/routers; Muon: 1 momentum buffer per matrix param), and the
+    activation estimate at `batch_tokens` tokens per micro-batch."""
+    params = sum(p.numel() for p in model.parameters())
+    adam = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
+    adam += sum(p.numel() for n, p in model.named_parameters() if ".router." in n)
+    weights, grads = 4 * params, 4 * params
+    optim = 8 * adam + 4 * (params - adam)
+    acts = activation_bytes_per_token(model.config, bytes_per_value) * batch_tokens
+    return dict(weights=weights, grads=grads, optimizer=optim, activations=acts, total=weights + grads + optim + acts)
+
+
+def fmt_params(n):
+    return f"{n / 1e6:.2f}M"
+
+
+def fmt_bytes(n):
+    return f"{n / 2**20:,.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def main():
+    p = ArgumentParser(prog="iso_flops", description="Dense and MoE configs with equal training FLOPs per token.")
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--aspect-ratio", type=int, default=64)
+    p.add_argument("--n-embd", type=int, default=0, help="model width; 0 = depth x aspect-ratio")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--vocab-size", type=int, default=65536)
+    p.add_argument("--n-experts", type=int, default=8)
+    p.add_argument("--expert-topk", type=int, default=2)
+    p.add_argument("--n-shared-experts", type=int, default=0)
+    p.add_argument("--moe-freq", type=int, default=1)
+    p.add_argument("--align", type=int, default=8, help="round the expert width to a multiple of this")
+    p.add_argument("--device-batch-size", type=int, default=16, help="rows per micro-batch, for the memory estimate")
+    p.add_argument("--activation-bytes", type=int, default=2, help="bytes per activation value (2 = bf16 on GPU, 4 = fp32 CPU)")
+    args = p.parse_args()
+
+    d = args.n_embd or args.depth * args.aspect_ratio
+    if d % args.head_dim:
+        raise UserError(f"model width {d} is not divisible by --head-dim {args.head_dim}")
+    if not 1 <= args.expert_topk <= args.n_experts:
+        raise UserError(f"--expert-topk {args.expert_topk} must be between 1 and --n-experts {args.n_experts}")
+    if args.moe_freq < 1 or args.n_shared_experts < 0 or args.align < 1:
+        raise UserError("--moe-freq and --align must be >= 1, --n-shared-experts >= 0")
+    hidden, exact = moe_hidden_for_iso_flops(d, args.n_experts, args.expert_topk, args.n_shared_experts, args.align)
+    mult = hidden / d
+    common = dict(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
+                  n_head=d // args.head_dim, n_kv_head=d // args.head_dim, n_embd=d)
+    dense = build_meta(GPTConfig(**common))
+    moe = build_meta(GPTConfig(**common, use_moe=True, n_experts=args.n_experts, expert_topk=args.expert_topk,
+                               n_shared_experts=args.n_shared_experts, moe_freq=args.moe_freq, expert_hidden_mult=mult))
+    f_dense, f_moe = dense.estimate_flops(), moe.estimate_flops()
+    mismatch = 100 * (f_moe - f_dense) / f_dense
+    batch_tokens = args.device_batch_size * args.max_seq_len
+    rows = []
+    for name, model in (("dense", dense), ("moe", moe)):
+        c = model.num_scaling_params()
+        mem = memory_estimate(model, batch_tokens, args.activation_bytes)
+        rows.append((name, c, model.estimate_flops(), mem))
+
+    routed = f"top-{args.expert_topk} of {args.n_experts}" + (f" + {args.n_shared_experts} shared" if args.n_shared_experts else "")
+    print(f"width {d}, depth {args.depth}, seq {args.max_seq_len}, vocab {args.vocab_size}; MoE {routed}, "
+          f"every {args.moe_freq} layer(s)")
+    print(f"iso-FLOPs expert width: exact {exact:.2f} -> {hidden} (multiple of {args.align}), "
+          f"--expert-hidden-mult {mult:.6g}; FLOPs mismatch {mismatch:+.3f}%")
+    header = ["", "dense", "moe"]
+    lines = [
+        ("FFN per layer", "4d MLP", f"{routed}, width {hidden}"),
+        ("params total", fmt_params(rows[0][1]["total"]), fmt_params(rows[1][1]["total"])),
+        ("params active", fmt_params(rows[0][1]["active_total"]), fmt_params(rows[1][1]["active_total"])),
+        ("FLOPs/token (train)", f"{rows[0][2]:.4e}", f"{rows[1][2]:.4e}"),
+    ]
+    for key in ("weights", "grads", "optimizer", "activations", "total"):
+        label = f"memory {key}" + (f" ({args.device_batch_size}x{args.max_seq_len} tok, {args.activation_bytes} B)" if key == "activations" else "")
+        lines.append((label, fmt_bytes(rows[0][3][key]), fmt_bytes(rows[1][3][key])))
+    widths = [max(len(str(r[i])) for r in [header] + lines) for i in range(3)]
+    for r in [header] + lines:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    base = f"--depth {args.depth} --n-embd {d} --head-dim {args.head_dim} --max-seq-len {args.max_seq_len}"
+    print("\nbase_train flags:")
+    print(f"  dense: {base}")
+    print(f"  moe:   {base} --use-moe --n-experts {args.n_experts} --expert-topk {args.expert_topk} "
+          f"--n-shared-experts {args.n_shared_experts} --moe-freq {args.moe_freq} --expert-hidden-mult {mult:.6g}")
+    if not math.isfinite(mismatch):
+        raise UserError("could not compute FLOPs")
+
+
+if __name__ == "__main__":
+    run_main(main)

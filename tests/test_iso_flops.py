@@ -1,0 +1,60 @@
+"""scripts/iso_flops.py: planned dense and MoE configs have equal FLOPs (per GPT.estimate_flops)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.gpt import GPTConfig, GPT
+from scripts.iso_flops import moe_hidden_for_iso_flops, memory_estimate
+
+
+def flops(cfg):
+    with torch.device("meta"):
+        return GPT(cfg).estimate_flops()
+
+
+@pytest.mark.parametrize("d,E,k,s,freq", [(128, 8, 2, 0, 1), (256, 64, 8, 1, 1), (384, 16, 1, 1, 2), (512, 8, 2, 0, 2)])
+def test_exact_width_makes_flops_equal(d, E, k, s, freq):
+    hidden, exact = moe_hidden_for_iso_flops(d, E, k, s, align=1)
+    common = dict(sequence_len=256, vocab_size=1000, n_layer=4, n_head=d // 64, n_kv_head=d // 64, n_embd=d)
+    dense = flops(GPTConfig(**common))
+    moe = flops(GPTConfig(**common, use_moe=True, n_experts=E, expert_topk=k, n_shared_experts=s, moe_freq=freq,
+                          expert_hidden_mult=hidden / d))
+    # per MoE layer: 6 * ((k + s) * 2 * d * h + E * d) vs 6 * 8 d^2; the residual is rounding h only
+    n_moe = 4 // freq
+    assert abs(moe - dense) <= 6 * n_moe * (k + s) * 2 * d * abs(hidden - exact) + 1e-6
+    assert abs(moe - dense) / dense < 0.005
+
+
+def test_cli_reports_mismatch_that_matches_built_models():
+    r = subprocess.run([sys.executable, "-m", "scripts.iso_flops", "--depth", "4", "--n-embd", "128", "--vocab-size",
+                        "2048", "--max-seq-len", "256", "--n-experts", "8", "--expert-topk", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    mult = float(re.search(r"--expert-hidden-mult ([0-9.]+);", r.stdout).group(1))
+    reported = float(re.search(r"FLOPs mismatch ([+-][0-9.]+)%", r.stdout).group(1))
+    common = dict(sequence_len=256, vocab_size=2048, n_layer=4, n_head=2, n_kv_head=2, n_embd=128)
+    dense = flops(GPTConfig(**common))
+    moe = flops(GPTConfig(**common, use_moe=True, n_experts=8, expert_topk=2, expert_hidden_mult=mult))
+    assert reported == pytest.approx(100 * (moe - dense) / dense, abs=0.001)
+    assert "--use-moe --n-experts 8 --expert-topk 2" in r.stdout
+
+
+def test_memory_estimate_counts_weights_grads_and_optimizer_states():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128,
+                              use_moe=True, n_experts=4, expert_topk=2, expert_hidden_mult=2))
+    mem = memory_estimate(model, batch_tokens=0, bytes_per_value=2)
+    params = sum(p.numel() for p in model.parameters())
+    adam = 512 * 128 * 2 + 2 * 4 * 128  # wte + lm_head + 2 routers: 2 states each
+    assert mem["weights"] == mem["grads"] == 4 * params
+    assert mem["optimizer"] == 8 * adam + 4 * (params - adam)
+    assert mem["activations"] == 0
+
+
+def test_bad_input_is_one_line():
+    r = subprocess.run([sys.executable, "-m", "scripts.iso_flops", "--n-embd", "100"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--head-dim" in r.stderr and "Traceback" not in r.stderr
