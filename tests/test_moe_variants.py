@@ -3,7 +3,6 @@ aux_free_bias / capacity_factor) checked against hand computations and independe
 references, the routing statistics, and a few tiny end-to-end runs of scripts/base_train.py
 (one of them under 2-process torchrun)."""
 
-import json
 import math
 
 import pytest
@@ -16,7 +15,7 @@ import nanochat.moe as moe_mod
 from nanochat.checkpoint import save_checkpoint, load_checkpoint
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.moe import MoE, route, router_z_loss, update_expert_bias, collect_moe_stats
-from tests.test_base_train import run_train, read_metrics, of_type, TINY, MOE, base_dir  # noqa: F401 (fixture)
+from tests.test_base_train import run_train, read_metrics, of_type, TINY, MOE
 
 
 @pytest.fixture(autouse=True, scope="module")
