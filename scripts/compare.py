@@ -46,14 +46,18 @@ def load_run(run):
     return os.path.basename(os.path.normpath(run_dir)), header, evals, summary, mfu
 
 
+def _fraction(f0, f1, f):
+    """Where f lies between f0 and f1, in log-FLOPs (linearly from the step-0 eval at 0 FLOPs)."""
+    if f0 <= 0:
+        return f / f1
+    return (math.log(f) - math.log(f0)) / (math.log(f1) - math.log(f0))
+
+
 def bpb_at(evals, flops):
     """Val bpb at `flops`, interpolated linearly in log-FLOPs; None outside the curve."""
     for (f0, b0), (f1, b1) in zip(evals, evals[1:]):
-        if f0 <= flops <= f1 and f1 > 0:
-            if f0 <= 0 or f1 == f0:
-                return b1 if flops == f1 else b0
-            t = (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
-            return b0 + t * (b1 - b0)
+        if f0 <= flops <= f1 and f1 > f0:
+            return b0 + _fraction(f0, f1, flops) * (b1 - b0)
     if evals and flops == evals[-1][0]:
         return evals[-1][1]
     return None
@@ -62,11 +66,13 @@ def bpb_at(evals, flops):
 def flops_to_reach(evals, target):
     """First FLOPs at which the curve gets down to `target` (log-FLOPs interpolation), or None."""
     for (f0, b0), (f1, b1) in zip(evals, evals[1:]):
-        if b1 <= target < b0 and f0 > 0:
-            t = (b0 - target) / (b0 - b1)
-            return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0)))
         if b0 <= target:
-            return f0 if f0 > 0 else f1
+            return f0
+        if b1 <= target < b0:
+            t = (b0 - target) / (b0 - b1)
+            if f0 <= 0:  # the step-0 eval: no log, interpolate linearly
+                return t * f1
+            return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0)))
     if evals and evals[-1][1] <= target:
         return evals[-1][0]
     return None

@@ -32,6 +32,10 @@ def test_interpolation_is_linear_in_log_flops():
     assert flops_to_reach(DENSE, 1.35) == pytest.approx(10**13.5)
     assert flops_to_reach(DENSE, 1.5) == pytest.approx(1e13)
     assert flops_to_reach(DENSE, 1.1) is None
+    # the first segment starts at the step-0 eval (0 FLOPs): linear there, not log
+    assert bpb_at(DENSE, 5e11) == pytest.approx(2.5)
+    assert flops_to_reach(DENSE, 2.5) == pytest.approx(5e11)
+    assert flops_to_reach(DENSE, 3.0) == 0
 
 
 def test_compute_multiplier_hand_computed():
