@@ -185,3 +185,17 @@ def load_model(ckpt_path, device):
     meta = load_checkpoint(ckpt_dir, name, model, None, 0, device)
     model.eval()
     return model, get_tokenizer(meta["tokenizer_dir"]), meta
+
+
+def checkpoint_for(flag, source, step, is_tag):
+    """The checkpoint folder a user named with `flag` (a model tag, or a run/checkpoint folder),
+    with one-line errors naming the flag."""
+    from nanochat.common import get_base_dir
+    if is_tag:
+        run_dir = os.path.join(get_base_dir(), "runs", source)
+        if not os.path.isdir(run_dir):
+            raise UserError(f"{flag} {source}: no run folder at {run_dir}")
+        return resolve_checkpoint(run_dir, step)
+    if not os.path.exists(source):
+        raise UserError(f"{flag} {source}: no such folder")
+    return resolve_checkpoint(source, step)

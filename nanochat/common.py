@@ -17,6 +17,12 @@ class UserError(Exception):
     on stderr and a non-zero exit, never a traceback."""
 
 
+def require(cond, message):
+    """Raise UserError(message) unless cond: the one-line checks of every entry point."""
+    if not cond:
+        raise UserError(message)
+
+
 def die(message, prog=None):
     """Print one line naming what is wrong and exit with status 2."""
     prog = prog or os.path.basename(sys.argv[0]).removesuffix(".py")

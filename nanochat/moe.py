@@ -148,7 +148,7 @@ def expert_mlp(x_sorted, w_fc, w_proj, offsets):
 
 def expert_mlp_padded(x_slots, w_fc, w_proj):
     """The experts on a fixed (E, C, d) buffer: two batched matmuls, no jagged shapes."""
-    dtype = x_slots.dtype if x_slots.is_cuda and not torch.is_autocast_enabled("cuda") else _compute_dtype(x_slots)
+    dtype = _compute_dtype(x_slots)
     h = torch.bmm(x_slots.to(dtype), w_fc.to(dtype).transpose(1, 2))
     h = F.relu(h).square()
     return torch.bmm(h, w_proj.to(dtype).transpose(1, 2))

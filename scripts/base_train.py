@@ -22,7 +22,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (UserError, ArgumentParser, run_main, print0, get_base_dir, git_commit, check_device_type,
+from nanochat.common import (UserError, require, ArgumentParser, run_main, print0, get_base_dir, git_commit, check_device_type,
                              get_dist_info, compute_init, compute_cleanup, DummyWandb, get_peak_flops)
 
 DATA_SOURCES = ("synthetic", "fineweb")
@@ -100,50 +100,47 @@ def parse_args(argv=None):
 
 def validate_args(args, world_size):
     """All the cheap checks, before any data, tokenizer or model work. Raises UserError."""
-    def need(cond, msg):
-        if not cond:
-            raise UserError(msg)
-    need(args.depth >= 1, f"--depth must be >= 1 (got {args.depth})")
-    need(args.max_seq_len >= 2, f"--max-seq-len must be >= 2 (got {args.max_seq_len})")
-    need(args.head_dim >= 2 and args.head_dim % 2 == 0, f"--head-dim must be even and >= 2 (got {args.head_dim})")
+    require(args.depth >= 1, f"--depth must be >= 1 (got {args.depth})")
+    require(args.max_seq_len >= 2, f"--max-seq-len must be >= 2 (got {args.max_seq_len})")
+    require(args.head_dim >= 2 and args.head_dim % 2 == 0, f"--head-dim must be even and >= 2 (got {args.head_dim})")
     n_embd = args.n_embd or args.depth * args.aspect_ratio
-    need(n_embd >= 1, f"--n-embd must be >= 1 (got {n_embd})")
-    need(n_embd % args.head_dim == 0,
+    require(n_embd >= 1, f"--n-embd must be >= 1 (got {n_embd})")
+    require(n_embd % args.head_dim == 0,
          f"model width {n_embd} ({'--n-embd' if args.n_embd else '--depth x --aspect-ratio'}) is not divisible by --head-dim {args.head_dim}")
     n_head = n_embd // args.head_dim
     n_kv_head = args.n_kv_head or n_head
-    need(n_head % n_kv_head == 0, f"--n-kv-head {n_kv_head} must divide the number of heads {n_head}")
+    require(n_head % n_kv_head == 0, f"--n-kv-head {n_kv_head} must divide the number of heads {n_head}")
     if args.use_moe:
-        need(args.n_experts >= 1, f"--n-experts must be >= 1 (got {args.n_experts})")
-        need(args.expert_topk >= 1, f"--expert-topk must be >= 1 (got {args.expert_topk})")
-        need(args.expert_topk <= args.n_experts, f"--expert-topk {args.expert_topk} exceeds --n-experts {args.n_experts}")
-        need(args.moe_freq >= 1, f"--moe-freq must be >= 1 (got {args.moe_freq})")
-        need(args.moe_freq <= args.depth, f"--moe-freq {args.moe_freq} > --depth {args.depth}: no layer would be MoE")
-        need(args.expert_hidden_mult >= 0, f"--expert-hidden-mult must be > 0, or 0 for 4 / --expert-topk (got {args.expert_hidden_mult})")
-        need(args.balance_loss_coeff >= 0, f"--balance-loss-coeff must be >= 0 (got {args.balance_loss_coeff})")
-        need(args.route_scale > 0, f"--route-scale must be > 0 (got {args.route_scale})")
-        need(args.n_shared_experts >= 0, f"--n-shared-experts must be >= 0 (got {args.n_shared_experts})")
-        need(args.aux_free_bias >= 0, f"--aux-free-bias must be >= 0 (got {args.aux_free_bias})")
-        need(args.router_z_loss >= 0, f"--router-z-loss must be >= 0 (got {args.router_z_loss})")
-        need(args.capacity_factor >= 0, f"--capacity-factor must be >= 0, 0 = dropless (got {args.capacity_factor})")
-        need(args.moe_stats_every >= 1, f"--moe-stats-every must be >= 1 (got {args.moe_stats_every})")
-    need(args.device_batch_size >= 1, f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
+        require(args.n_experts >= 1, f"--n-experts must be >= 1 (got {args.n_experts})")
+        require(args.expert_topk >= 1, f"--expert-topk must be >= 1 (got {args.expert_topk})")
+        require(args.expert_topk <= args.n_experts, f"--expert-topk {args.expert_topk} exceeds --n-experts {args.n_experts}")
+        require(args.moe_freq >= 1, f"--moe-freq must be >= 1 (got {args.moe_freq})")
+        require(args.moe_freq <= args.depth, f"--moe-freq {args.moe_freq} > --depth {args.depth}: no layer would be MoE")
+        require(args.expert_hidden_mult >= 0, f"--expert-hidden-mult must be > 0, or 0 for 4 / --expert-topk (got {args.expert_hidden_mult})")
+        require(args.balance_loss_coeff >= 0, f"--balance-loss-coeff must be >= 0 (got {args.balance_loss_coeff})")
+        require(args.route_scale > 0, f"--route-scale must be > 0 (got {args.route_scale})")
+        require(args.n_shared_experts >= 0, f"--n-shared-experts must be >= 0 (got {args.n_shared_experts})")
+        require(args.aux_free_bias >= 0, f"--aux-free-bias must be >= 0 (got {args.aux_free_bias})")
+        require(args.router_z_loss >= 0, f"--router-z-loss must be >= 0 (got {args.router_z_loss})")
+        require(args.capacity_factor >= 0, f"--capacity-factor must be >= 0, 0 = dropless (got {args.capacity_factor})")
+        require(args.moe_stats_every >= 1, f"--moe-stats-every must be >= 1 (got {args.moe_stats_every})")
+    require(args.device_batch_size >= 1, f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
     tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
-    need(args.total_batch_size > 0 and args.total_batch_size % tokens_per_fwdbwd == 0,
+    require(args.total_batch_size > 0 and args.total_batch_size % tokens_per_fwdbwd == 0,
          f"--total-batch-size {args.total_batch_size} is not a multiple of --device-batch-size x --max-seq-len x "
          f"processes = {args.device_batch_size} x {args.max_seq_len} x {world_size} = {tokens_per_fwdbwd}")
-    need(args.num_iterations != 0, "--num-iterations must be positive (or -1 to derive it)")
-    need(args.num_iterations > 0 or args.target_flops > 0 or args.target_param_data_ratio > 0,
+    require(args.num_iterations != 0, "--num-iterations must be positive (or -1 to derive it)")
+    require(args.num_iterations > 0 or args.target_flops > 0 or args.target_param_data_ratio > 0,
          "set one of --num-iterations, --target-flops, --target-param-data-ratio")
-    need(args.eval_every != 0, "--eval-every must be a number of steps, or -1 for an evaluation at the end only")
-    need(args.eval_tokens >= args.max_seq_len, f"--eval-tokens {args.eval_tokens} is less than one row of --max-seq-len {args.max_seq_len}")
-    need(0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1 and args.warmup_ratio + args.warmdown_ratio <= 1,
+    require(args.eval_every != 0, "--eval-every must be a number of steps, or -1 for an evaluation at the end only")
+    require(args.eval_tokens >= args.max_seq_len, f"--eval-tokens {args.eval_tokens} is less than one row of --max-seq-len {args.max_seq_len}")
+    require(0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1 and args.warmup_ratio + args.warmdown_ratio <= 1,
          "--warmup-ratio and --warmdown-ratio must be in [0, 1] and sum to at most 1")
-    need(args.resume_from_step in ("", "latest") or args.resume_from_step.isdigit(),
+    require(args.resume_from_step in ("", "latest") or args.resume_from_step.isdigit(),
          f"--resume-from-step must be a step number or 'latest' (got {args.resume_from_step!r})")
-    need(args.vocab_size >= 257, f"--vocab-size must be >= 257 (256 bytes + BOS), got {args.vocab_size}")
+    require(args.vocab_size >= 257, f"--vocab-size must be >= 257 (256 bytes + BOS), got {args.vocab_size}")
     if args.data not in DATA_SOURCES:
-        need(os.path.exists(args.data), f"--data {args.data!r}: not one of {', '.join(DATA_SOURCES)} and no such file or folder")
+        require(os.path.exists(args.data), f"--data {args.data!r}: not one of {', '.join(DATA_SOURCES)} and no such file or folder")
     device_type = check_device_type(args.device_type)
     if args.fp8:
         from nanochat.fp8 import check_fp8_supported

@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from nanochat.common import UserError, ArgumentParser, run_main, get_base_dir, check_device_type
+from nanochat.common import UserError, require, ArgumentParser, run_main, check_device_type
 
 
 def parse_args(argv=None):
@@ -55,40 +55,29 @@ def parse_args(argv=None):
 
 def validate_args(args):
     """Cheap checks before loading anything. Returns (device_type, batch sizes)."""
-    def need(cond, msg):
-        if not cond:
-            raise UserError(msg)
-    need(bool(args.model_tags) != bool(args.paths), "give one of --model-tags TAG [TAG ...] or --paths DIR [DIR ...]")
-    need(args.step in ("best", "latest") or args.step.isdigit(), f"--step must be a step number, 'best' or 'latest' (got {args.step!r})")
+    require(bool(args.model_tags) != bool(args.paths), "give one of --model-tags TAG [TAG ...] or --paths DIR [DIR ...]")
+    require(args.step in ("best", "latest") or args.step.isdigit(), f"--step must be a step number, 'best' or 'latest' (got {args.step!r})")
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
         raise UserError(f"--batch-sizes must be comma-separated integers, e.g. 1,4,16 (got {args.batch_sizes!r})")
-    need(all(b >= 1 for b in batch_sizes), f"--batch-sizes must all be >= 1 (got {args.batch_sizes})")
-    need(args.prompt_len >= 0, f"--prompt-len must be >= 0 (got {args.prompt_len})")
-    need(args.gen_tokens >= 1, f"--gen-tokens must be >= 1 (got {args.gen_tokens})")
-    need(args.repeats >= 1, f"--repeats must be >= 1 (got {args.repeats})")
+    require(all(b >= 1 for b in batch_sizes), f"--batch-sizes must all be >= 1 (got {args.batch_sizes})")
+    require(args.prompt_len >= 0, f"--prompt-len must be >= 0 (got {args.prompt_len})")
+    require(args.gen_tokens >= 1, f"--gen-tokens must be >= 1 (got {args.gen_tokens})")
+    require(args.repeats >= 1, f"--repeats must be >= 1 (got {args.repeats})")
     return check_device_type(args.device_type), batch_sizes
 
 
 def find_checkpoints(args):
     """[(label, checkpoint folder)] for --model-tags or --paths."""
-    from nanochat.checkpoint import resolve_checkpoint
+    from nanochat.checkpoint import checkpoint_for
+    flag = "--model-tags" if args.model_tags else "--paths"
     out = []
     for source in args.model_tags or args.paths:
-        if args.model_tags:
-            run_dir = os.path.join(get_base_dir(), "runs", source)
-            if not os.path.isdir(run_dir):
-                raise UserError(f"--model-tags {source}: no run folder at {run_dir}")
-            label = source
-        else:
-            if not os.path.exists(source):
-                raise UserError(f"--paths {source}: no such folder")
-            run_dir = source
-            label = os.path.basename(os.path.normpath(source))
+        label = source if args.model_tags else os.path.basename(os.path.normpath(source))
         if any(label == l for l, _ in out):
             label = f"{label}#{len(out) + 1}"
-        out.append((label, resolve_checkpoint(run_dir, args.step)))
+        out.append((label, checkpoint_for(flag, source, args.step, is_tag=bool(args.model_tags))))
     return out
 
 

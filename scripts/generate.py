@@ -9,12 +9,11 @@ The same --seed gives the same samples. --no-kv-cache re-runs the full context e
 (slower; for comparison).
 """
 
-import os
 import time
 
 import torch
 
-from nanochat.common import UserError, ArgumentParser, run_main, get_base_dir, check_device_type
+from nanochat.common import require, ArgumentParser, run_main, check_device_type
 
 
 def parse_args(argv=None):
@@ -37,31 +36,15 @@ def parse_args(argv=None):
 
 def validate_args(args):
     """The cheap checks, before the model is loaded. Raises UserError."""
-    def need(cond, msg):
-        if not cond:
-            raise UserError(msg)
-    need(bool(args.model_tag) != bool(args.path), "give one of --model-tag TAG or --path DIR")
-    need(args.step in ("best", "latest") or args.step.isdigit(), f"--step must be a step number, 'best' or 'latest' (got {args.step!r})")
-    need(args.max_tokens >= 1, f"--max-tokens must be >= 1 (got {args.max_tokens})")
-    need(args.num_samples >= 1, f"--num-samples must be >= 1 (got {args.num_samples})")
-    need(args.temperature >= 0, f"--temperature must be >= 0 (got {args.temperature})")
-    need(args.top_k >= 0, f"--top-k must be >= 0, 0 = off (got {args.top_k})")
-    need(0 < args.top_p <= 1, f"--top-p must be in (0, 1], 1 = off (got {args.top_p})")
-    need(args.repetition_penalty > 0, f"--repetition-penalty must be > 0, 1 = off (got {args.repetition_penalty})")
+    require(bool(args.model_tag) != bool(args.path), "give one of --model-tag TAG or --path DIR")
+    require(args.step in ("best", "latest") or args.step.isdigit(), f"--step must be a step number, 'best' or 'latest' (got {args.step!r})")
+    require(args.max_tokens >= 1, f"--max-tokens must be >= 1 (got {args.max_tokens})")
+    require(args.num_samples >= 1, f"--num-samples must be >= 1 (got {args.num_samples})")
+    require(args.temperature >= 0, f"--temperature must be >= 0 (got {args.temperature})")
+    require(args.top_k >= 0, f"--top-k must be >= 0, 0 = off (got {args.top_k})")
+    require(0 < args.top_p <= 1, f"--top-p must be in (0, 1], 1 = off (got {args.top_p})")
+    require(args.repetition_penalty > 0, f"--repetition-penalty must be > 0, 1 = off (got {args.repetition_penalty})")
     return check_device_type(args.device_type)
-
-
-def find_checkpoint(model_tag, path, step):
-    """The checkpoint folder for --model-tag or --path and --step (UserError naming the flag)."""
-    from nanochat.checkpoint import resolve_checkpoint
-    if model_tag:
-        run_dir = os.path.join(get_base_dir(), "runs", model_tag)
-        if not os.path.isdir(run_dir):
-            raise UserError(f"--model-tag {model_tag}: no run folder at {run_dir}")
-        return resolve_checkpoint(run_dir, step)
-    if not os.path.exists(path):
-        raise UserError(f"--path {path}: no such folder")
-    return resolve_checkpoint(path, step)
 
 
 def model_summary(model):
@@ -76,7 +59,9 @@ def main():
     device_type = validate_args(args)
     from nanochat.checkpoint import load_model
     from nanochat.engine import generate
-    ckpt = find_checkpoint(args.model_tag, args.path, args.step)
+    from nanochat.checkpoint import checkpoint_for
+    ckpt = (checkpoint_for("--model-tag", args.model_tag, args.step, is_tag=True) if args.model_tag
+            else checkpoint_for("--path", args.path, args.step, is_tag=False))
     device = torch.device(device_type)
     model, tokenizer, meta = load_model(ckpt, device)
     print(f"Model: {ckpt} (step {meta.get('step', '?')}; {model_summary(model)})")
