@@ -1,12 +1,15 @@
 """
 FP8 training for linear layers via torchao's float8 conversion.
 
-Only the dense linears are converted, through `fp8_module_filter`. Skipped:
-- expert weights: stacked (E, out, in) parameters, not nn.Linear; they need a grouped FP8
-  GEMM with per-expert groups padded to 16 (later work), and an expert with no tokens must
-  not break scaling;
+Dense linears are converted through `fp8_module_filter` (torchao Float8Linear). Skipped there:
+- expert weights: stacked (E, out, in) parameters, not nn.Linear. They run through torchao's
+  FP8 rowwise *grouped* GEMM instead (`expert_mlp_fp8`), which needs every expert's group of
+  rows to be a multiple of 16: `pad_token_groups` places each group at a 16-aligned start in a
+  buffer of fixed size N*k + 16*E (static shape for torch.compile). An expert with no tokens
+  gets 16 zero rows rather than an empty group, so its scales and weight gradient (zeros) are
+  computed like any other's: the failure of earlier FP8 MoE code on idle experts cannot occur;
 - the router: tiny (n_experts x d), and routing decisions are precision-sensitive;
-- any linear whose in/out features are not divisible by 16 (FP8 tensor-core GEMMs need it).
+- any linear (or expert) whose dimensions are not divisible by 16 (FP8 tensor-core GEMMs).
 torchao is imported only when --fp8 is asked for: on CPU its import prints CUDA warnings.
 """
 
@@ -41,9 +44,66 @@ def check_fp8_supported(device_type):
 
 
 def convert_to_fp8(model):
-    """Swap the filtered nn.Linear modules for torchao Float8Linear (tensorwise scaling).
-    Returns the names of the converted layers, for the startup log."""
+    """Swap the filtered nn.Linear modules for torchao Float8Linear (tensorwise scaling) and switch
+    the MoE experts whose widths divide by 16 to the FP8 grouped GEMM. Returns (linear names,
+    expert layer names), for the startup log."""
     from torchao.float8 import convert_to_float8_training
+    from nanochat.moe import MoE
     candidates = [name for name, mod in model.named_modules() if fp8_module_filter(mod, name)]
     convert_to_float8_training(model, module_filter_fn=fp8_module_filter)
-    return candidates
+    experts = []
+    for name, mod in model.named_modules():
+        # the capacity-factor path runs its experts as padded bmm (bf16), not the grouped GEMM
+        if isinstance(mod, MoE) and mod.capacity_factor == 0 and mod.w_fc.size(1) % 16 == 0 and mod.w_fc.size(2) % 16 == 0:
+            mod.fp8_experts = True
+            experts.append(name)
+    return candidates, experts
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 experts: per-expert row groups padded to multiples of 16 for the FP8 grouped GEMM
+
+ALIGN = 16  # FP8 grouped GEMMs (torch._scaled_grouped_mm) want every group size divisible by 16
+
+
+def pad_token_groups(offsets, n_rows, align=ALIGN):
+    """Where each of the n_rows expert-sorted rows goes in a padded buffer whose groups all start
+    at multiples of `align` and have a size that is a non-zero multiple of `align`.
+    offsets: (E,) int32 end offsets (grouped_mm convention). Returns
+    dest (n_rows,) int64:    destination row of each sorted row,
+    padded_offsets (E,) int32: end offsets of the padded groups,
+    n_padded (int):          buffer rows, n_rows + align*E rounded up to align (a static bound:
+                             shapes never depend on the routing, so torch.compile keeps one graph).
+    Empty groups get `align` zero rows (never size 0)."""
+    n_experts = offsets.numel()
+    ends = offsets.long()
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    padded_counts = torch.clamp((counts + align - 1) // align, min=1) * align
+    padded_ends = torch.cumsum(padded_counts, dim=0)
+    shift = (padded_ends - padded_counts) - (ends - counts)  # padded start - original start
+    row = torch.arange(n_rows, device=offsets.device)
+    expert_of_row = torch.searchsorted(ends, row, right=True)  # rows sorted by expert
+    dest = row + shift[expert_of_row]
+    n_padded = -(-(n_rows + align * n_experts) // align) * align
+    return dest, padded_ends.to(torch.int32), n_padded
+
+
+def expert_mlp_fp8(x_sorted, w_fc, w_proj, offsets, grouped_mm=None):
+    """The experts' relu^2 MLP with both matmuls as FP8 rowwise grouped GEMMs (torchao), over
+    padded groups: pad once, two grouped GEMMs, unpad once. Padding rows are zeros and stay
+    zeros through relu^2, so they add nothing to any weight gradient. `grouped_mm(A, B_t, offs)`
+    defaults to torchao's; tests pass a reference to check the padding on CPU."""
+    if grouped_mm is None:
+        from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm
+
+        def grouped_mm(a, b_t, offs):
+            return _to_fp8_rowwise_then_scaled_grouped_mm(a, b_t, offs, out_dtype=torch.bfloat16,
+                                                          pad_token_groups_for_grouped_mm=False)
+    n_rows, d = x_sorted.shape
+    dest, padded_offsets, n_padded = pad_token_groups(offsets, n_rows)
+    x_pad = x_sorted.new_zeros(n_padded, d).index_copy(0, dest, x_sorted)
+    # (E, out, in).transpose -> (E, in, out) with column-major groups: the layout torchao wants
+    h = grouped_mm(x_pad, w_fc.transpose(-2, -1), padded_offsets)
+    h = torch.relu(h).square()
+    y_pad = grouped_mm(h, w_proj.transpose(-2, -1), padded_offsets)
+    return y_pad.index_select(0, dest)

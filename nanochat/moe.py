@@ -58,11 +58,19 @@ def route(x, gate_weight, topk, router="softmax", bias=None, route_scale=1.0):
     return weights * route_scale, expert_ids, probs, logits
 
 
+def expert_counts(expert_ids, n_experts):
+    """Assignments per expert, (E,) int64. A scatter-add into a fixed (E,) buffer rather than
+    bincount: bincount's output length depends on the data, which breaks the torch.compile graph
+    (measured: 11 graph breaks in a 2-layer MoE); this shape never changes."""
+    flat = expert_ids.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def switch_balance_loss(probs, expert_ids, n_experts):
     """Switch balance loss N * sum_i f_i * P_i. f_i: fraction of the N*k assignments that went
     to expert i (counts, no gradient); P_i: mean router probability of expert i (carries the
     gradient). Equals 1 whenever P is uniform, and is minimised (=1) by balanced routing."""
-    counts = torch.bincount(expert_ids.flatten(), minlength=n_experts)
+    counts = expert_counts(expert_ids, n_experts)
     f = counts.to(probs.dtype) / expert_ids.numel()
     p = probs.mean(dim=0)
     return n_experts * torch.sum(f * p)
@@ -83,9 +91,41 @@ def dispatch(expert_ids, n_experts):
     flat = expert_ids.flatten()
     order = torch.argsort(flat, stable=True)
     token_ids = order // expert_ids.size(1)
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = expert_counts(flat, n_experts)
     offsets = torch.cumsum(counts, dim=0).to(torch.int32)
     return order, token_ids, offsets
+
+
+def inverse_permutation(order):
+    """inverse[order[i]] = i: where each assignment (token-major) sits in the sorted order."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+class _GatherRows(torch.autograd.Function):
+    """out = x[index] whose backward is a gather too: grad_x = grad_out[inverse], summed over the
+    `repeats` consecutive rows that came from the same x row. Plain indexing would backpropagate
+    with a scatter-add (index_put with accumulate): slower on CPU (measured in dev/LOG.md) and
+    atomic, hence non-deterministic, on GPUs. Valid because every x row is used exactly `repeats`
+    times and `inverse` lists them token-major."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, repeats):
+        ctx.save_for_backward(inverse)
+        ctx.repeats = repeats
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (inverse,) = ctx.saved_tensors
+        grad = grad_out.index_select(0, inverse)
+        if ctx.repeats > 1:
+            grad = grad.view(-1, ctx.repeats, grad.size(-1)).sum(dim=1)
+        return grad, None, None, None
+
+
+def gather_tokens(x, token_ids, inverse, topk):
+    """Dispatch: the sorted (N*k, d) expert inputs, row i = x[token_ids[i]] (one permutation)."""
+    return _GatherRows.apply(x, token_ids, inverse, topk)
 
 
 def capacity_slots(expert_ids, order, offsets, capacity):
@@ -94,7 +134,7 @@ def capacity_slots(expert_ids, order, offsets, capacity):
     full. Earlier tokens in the batch win, as in Switch. Returns (slots, kept mask)."""
     n_experts = offsets.numel()
     sorted_experts = expert_ids.flatten()[order]
-    starts = offsets.long() - torch.bincount(sorted_experts, minlength=n_experts)
+    starts = offsets.long() - expert_counts(sorted_experts, n_experts)
     position = torch.arange(order.numel(), device=order.device) - starts[sorted_experts]
     kept = position < capacity
     slots = torch.where(kept, sorted_experts * capacity + position, n_experts * capacity)
@@ -137,9 +177,12 @@ def _compute_dtype(x):
     return x.dtype
 
 
-def expert_mlp(x_sorted, w_fc, w_proj, offsets):
+def expert_mlp(x_sorted, w_fc, w_proj, offsets, fp8=False):
     """The experts, all at once: relu(x W_fc^T)^2 W_proj^T per expert group (same form as the
-    dense MLP), over rows sorted by expert."""
+    dense MLP), over rows sorted by expert. fp8: torchao's FP8 grouped GEMM (nanochat/fp8.py)."""
+    if fp8:
+        from nanochat.fp8 import expert_mlp_fp8
+        return expert_mlp_fp8(x_sorted, w_fc, w_proj, offsets)
     dtype = _compute_dtype(x_sorted)
     h = grouped_linear(x_sorted.to(dtype), w_fc.to(dtype), offsets)
     h = F.relu(h).square()
@@ -154,12 +197,13 @@ def expert_mlp_padded(x_slots, w_fc, w_proj):
     return torch.bmm(h, w_proj.to(dtype).transpose(1, 2))
 
 
-def combine(y_sorted, order, weights):
+def combine(y_sorted, order, inverse, weights):
     """Undo the sort and take each token's weighted sum over its k expert outputs.
-    y_sorted: (N*k, d) in dispatch order, weights: (N, k). A scatter to the original
-    assignment order, then a batched (1 x k) @ (k x d) product: deterministic, no atomics."""
+    y_sorted: (N*k, d) in dispatch order, weights: (N, k). A gather back to token-major order
+    (its backward is the gather by `order`), then a batched (1 x k) @ (k x d) product:
+    deterministic, no atomics, no scatter."""
     n_tokens, k = weights.shape
-    y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
+    y = _GatherRows.apply(y_sorted, inverse, order, 1)
     return torch.bmm(weights.to(y.dtype).unsqueeze(1), y.view(n_tokens, k, -1)).squeeze(1)
 
 
@@ -196,6 +240,7 @@ class MoE(nn.Module):
         # each optimizer step (update_expert_bias), saved with the weights (persistent buffer).
         self.register_buffer("expert_bias", torch.zeros(config.n_experts), persistent=True)
         self.use_bias = config.aux_free_bias > 0
+        self.fp8_experts = False  # set by nanochat.fp8.convert_to_fp8 (--fp8 on a capable GPU)
         # Training-time accumulators, read and reset by the trainer (no host sync in forward):
         # load since the last optimizer step (for the bias), and stats since the last log.
         self.register_buffer("load_since_step", torch.zeros(config.n_experts), persistent=False)
@@ -210,7 +255,8 @@ class MoE(nn.Module):
         balance_loss = switch_balance_loss(probs, expert_ids, self.n_experts)
         z_loss = router_z_loss(logits)
         order, token_ids, offsets = dispatch(expert_ids, self.n_experts)
-        x_sorted = x_flat[token_ids]
+        inverse = inverse_permutation(order)
+        x_sorted = gather_tokens(x_flat, token_ids, inverse, self.topk)
         if self.capacity_factor > 0:
             capacity = math.ceil(self.capacity_factor * n_tokens * self.topk / self.n_experts)
             slots, kept = capacity_slots(expert_ids, order, offsets, capacity)
@@ -220,14 +266,14 @@ class MoE(nn.Module):
             y_sorted = y_slots[slots]
             n_dropped = (~kept).sum()
         else:
-            y_sorted = expert_mlp(x_sorted, self.w_fc, self.w_proj, offsets)
+            y_sorted = expert_mlp(x_sorted, self.w_fc, self.w_proj, offsets, self.fp8_experts)
             n_dropped = torch.zeros((), device=x.device)
-        out = combine(y_sorted, order, weights)
+        out = combine(y_sorted, order, inverse, weights)
         if self.n_shared:
             out = out + self.shared_proj(F.relu(self.shared_fc(x_flat)).square()).to(out.dtype)
         if self.training:
             with torch.no_grad():
-                counts = torch.bincount(expert_ids.flatten(), minlength=self.n_experts).float()
+                counts = expert_counts(expert_ids, self.n_experts).float()
                 if self.use_bias:
                     self.load_since_step += counts
                 entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum()

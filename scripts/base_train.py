@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (UserError, require, ArgumentParser, run_main, print0, get_base_dir, git_commit, check_device_type,
-                             get_dist_info, compute_init, compute_cleanup, DummyWandb, get_peak_flops)
+                             get_dist_info, compute_init, compute_cleanup, DummyWandb, get_peak_flops, keep_freed_memory)
 
 DATA_SOURCES = ("synthetic", "fineweb")
 
@@ -259,6 +259,8 @@ def main(argv=None):
     if args.use_moe and args.expert_hidden_mult == 0:
         args.expert_hidden_mult = 4 / (args.expert_topk + args.n_shared_experts)
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    if keep_freed_memory(device_type):  # ~1.5x faster CPU steps at d=512 (dev/LOG.md, issue 6)
+        print0("CPU: glibc keeps freed memory in the heap (no page faults on reused activations)")
     try:
         train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv_head)
     finally:
@@ -297,8 +299,11 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     print0(describe_params(model))
     if args.fp8:
         from nanochat.fp8 import convert_to_fp8
-        converted = convert_to_fp8(model)
-        print0(f"FP8 layers ({len(converted)}): {', '.join(converted) or 'none'}; experts and routers stay in bf16")
+        converted, fp8_experts = convert_to_fp8(model)
+        print0(f"FP8 linears ({len(converted)}): {', '.join(converted) or 'none'}")
+        if args.use_moe:
+            print0(f"FP8 grouped experts ({len(fp8_experts)} MoE layers): {', '.join(fp8_experts) or 'none'}; "
+                   f"routers stay in bf16")
 
     # Training horizon, from active parameters (an MoE's idle experts do no work per token).
     tokens_per_step = args.total_batch_size
@@ -320,7 +325,11 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
                                   matrix_lr=args.matrix_lr, router_lr=args.router_lr,
                                   weight_decay=args.weight_decay, device_type=device_type)
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    # Fixed shapes, one graph: the MoE's tensors are sized by (tokens, k, experts) only; how many
+    # tokens each expert got is data (grouped-GEMM offsets), never a shape. So dynamic=False (no
+    # symbolic shapes to guard) and fullgraph=True (a graph break is an error, not a silent slow
+    # path). tests/test_compile.py proves zero recompiles under changing, skewed routing.
+    train_model = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
     autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
 
     model_tag = args.model_tag or (f"d{args.depth}" + (f"_moe{args.n_experts}k{args.expert_topk}" if args.use_moe else ""))
@@ -479,6 +488,9 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
 
         if step - start_step > 2:  # the first steps include warm-up/compilation
             step_times.append(dt)
+        if use_compile and step == start_step + 1:
+            graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            print0(f"torch.compile: first step {dt:.1f}s (compilation included), {graphs_after_warmup} graph(s)")
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
         debiased = smooth_loss / (1 - 0.9 ** step)
         tok_per_sec = tokens_per_step / dt
@@ -517,6 +529,10 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
             ("entropy floor", f"{entropy_floor:.4f}" if entropy_floor is not None else "n/a"),
             ("tok/s (mean step)", f"{avg_tok_s:,.0f}"), ("wall time", f"{wall:.1f}s"),
             ("peak memory", f"{summary['peak_memory_mb']:.0f} MiB"), ("run folder", run_dir)]
+    if use_compile and step > start_step:
+        # graphs compiled after the first step = recompiles (routing changes must not cause any)
+        later = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_after_warmup
+        rows.insert(-1, ("graphs compiled after step 1", f"{later}"))
     width = max(len(k) for k, _ in rows)
     print0("\n".join(["", "Summary", "-" * (width + 30)] + [f"{k:<{width}}  {v}" for k, v in rows]))
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import UserError
-from nanochat.fp8 import check_fp8_supported, fp8_module_filter
+from nanochat.fp8 import check_fp8_supported, fp8_module_filter, pad_token_groups, expert_mlp_fp8
+from nanochat.moe import expert_mlp
 from nanochat.gpt import GPTConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,9 +107,69 @@ def test_convert_to_fp8_swaps_exactly_the_filtered_layers():
                        use_moe=True, n_experts=16, expert_topk=2, moe_freq=2, expert_hidden_mult=2)
     model = build_model(config, "cpu")
     expected = [n for n, m in model.named_modules() if fp8_module_filter(m, n)]
-    converted = convert_to_fp8(model)
+    converted, experts = convert_to_fp8(model)
     assert converted == expected
+    assert experts == ["transformer.h.1.mlp"]  # moe_freq=2: layer 1 is the only MoE layer
+    assert model.transformer.h[1].mlp.fp8_experts
     modules = dict(model.named_modules())
     for name in expected:
         assert type(modules[name]).__name__ == "Float8Linear", name
     assert type(modules["transformer.h.1.mlp.router"]) is nn.Linear
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 experts: the padding to 16-row groups, checked on CPU with a reference grouped GEMM
+
+
+def test_pad_token_groups_hand_computed():
+    # counts 3, 0, 17, 16 -> padded 16, 16 (empty expert: one block of zeros), 32, 16
+    offsets = torch.tensor([3, 3, 20, 36], dtype=torch.int32)
+    dest, padded_offsets, n_padded = pad_token_groups(offsets, 36)
+    assert padded_offsets.tolist() == [16, 32, 64, 80]
+    assert padded_offsets.dtype == torch.int32
+    assert n_padded == 112  # 36 + 16 * 4 = 100, rounded up to 112: a bound, not routing-dependent
+    assert dest.tolist() == [0, 1, 2] + list(range(32, 49)) + list(range(64, 80))
+
+
+def _loop_grouped_mm(calls):
+    """Reference grouped GEMM (end offsets), recording what it was given."""
+    def grouped_mm(a, b_t, offs):
+        calls.append(offs.clone())
+        out, start = a.new_zeros(a.size(0), b_t.size(-1)), 0
+        pieces = []
+        for e, end in enumerate(offs.tolist()):
+            pieces.append(a[start:end] @ b_t[e])
+            start = end
+        return torch.cat(pieces + [out[start:]])
+    return grouped_mm
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 21, 6], [0, 0, 32, 0], [16, 16, 16, 16], [1, 1, 1, 1]])
+def test_fp8_expert_mlp_padding_matches_unpadded_experts(counts):
+    """Same outputs and gradients as the unpadded experts, including experts with no token;
+    every group handed to the GEMM is a non-zero multiple of 16; the buffer size depends only
+    on (rows, experts)."""
+    torch.manual_seed(0)
+    n_experts, d, hidden = 4, 32, 48
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    n_rows = int(offsets[-1])
+    x = torch.randn(n_rows, d, requires_grad=True)
+    w_fc = (0.2 * torch.randn(n_experts, hidden, d)).requires_grad_()
+    w_proj = (0.2 * torch.randn(n_experts, d, hidden)).requires_grad_()
+    calls = []
+    y = expert_mlp_fp8(x, w_fc, w_proj, offsets, grouped_mm=_loop_grouped_mm(calls))
+    y_ref = expert_mlp(x, w_fc, w_proj, offsets)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w_fc, w_proj), g)
+    grads_ref = torch.autograd.grad(y_ref, (x, w_fc, w_proj), g)
+    for a, b in zip(grads, grads_ref):
+        assert torch.allclose(a, b, atol=1e-5)
+    for e, c in enumerate(counts):
+        if c == 0:  # an idle expert gets an exactly zero weight gradient
+            assert grads[1][e].abs().max() == 0 and grads[2][e].abs().max() == 0
+    assert len(calls) == 2
+    sizes = torch.diff(calls[0], prepend=calls[0].new_zeros(1))
+    assert all(s > 0 and s % 16 == 0 for s in sizes.tolist())
+    _, _, n_padded = pad_token_groups(offsets, n_rows)
+    assert n_padded == -(-(n_rows + 16 * n_experts) // 16) * 16

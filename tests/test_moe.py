@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from nanochat.gpt import GPTConfig
 from nanochat.moe import (MoE, route, dispatch, switch_balance_loss, grouped_linear, naive_moe_forward,
-                          expert_hidden_dim)
+                          expert_hidden_dim, expert_counts, inverse_permutation, gather_tokens, combine)
 
 
 def make_moe(d=32, n_experts=4, topk=2, mult=2, seed=0):
@@ -56,6 +56,43 @@ def test_dispatch_groups_each_assignment_once():
     assert offsets.dtype == torch.int32
     # every token appears exactly k times
     assert torch.bincount(token_ids, minlength=37).tolist() == [2] * 37
+
+
+def test_expert_counts_match_bincount_with_empty_experts():
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3]])
+    assert expert_counts(ids, 6).tolist() == [2, 1, 0, 3, 0, 0]
+    ids = torch.randint(0, 7, (100, 3))
+    assert torch.equal(expert_counts(ids, 9), torch.bincount(ids.flatten(), minlength=9))
+
+
+@pytest.mark.parametrize("topk", [1, 2, 3])
+def test_gather_and_combine_gradients_match_plain_indexing(topk):
+    """The permutation gathers with gather-only backward give the gradients autograd computes
+    for plain indexing / index_copy (the scatter-add formulation)."""
+    torch.manual_seed(topk)
+    n, d, e = 23, 5, 4
+    ids = torch.stack([torch.randperm(e)[:topk] for _ in range(n)])
+    order, token_ids, _ = dispatch(ids, e)
+    inverse = inverse_permutation(order)
+    assert torch.equal(order[inverse], torch.arange(n * topk))
+    x = torch.randn(n, d, requires_grad=True)
+    g_sorted = torch.randn(n * topk, d)
+    ours = gather_tokens(x, token_ids, inverse, topk)
+    (gx,) = torch.autograd.grad(ours, x, g_sorted)
+    ref = x[token_ids]
+    (gx_ref,) = torch.autograd.grad(ref, x, g_sorted)
+    assert torch.equal(ours, ref) and torch.allclose(gx, gx_ref, atol=1e-6)
+    y_sorted = torch.randn(n * topk, d, requires_grad=True)
+    w = torch.rand(n, topk, requires_grad=True)
+    g_out = torch.randn(n, d)
+    out = combine(y_sorted, order, inverse, w)
+    y_tok = torch.zeros(n * topk, d).index_copy(0, order, y_sorted).view(n, topk, d)
+    out_ref = (w.unsqueeze(-1) * y_tok).sum(1)
+    assert torch.allclose(out, out_ref, atol=1e-6)
+    grads = torch.autograd.grad(out, (y_sorted, w), g_out)
+    grads_ref = torch.autograd.grad(out_ref, (y_sorted, w), g_out)
+    for a, b in zip(grads, grads_ref):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("d,n_experts,topk,mult", [(32, 4, 2, 2), (32, 8, 1, 4), (16, 8, 8, 0.5), (6, 3, 2, 1)])
