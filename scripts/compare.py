@@ -12,6 +12,13 @@ Compute multiplier of a run = (FLOPs the baseline needed to reach the run's fina
 log-FLOPs between its evaluations. 1.4 means the baseline needs 1.4x the compute for the
 same quality. When the baseline never got that low, it is "> x" with x = the baseline's
 total FLOPs / the run's FLOPs. The baseline is --baseline, else the first dense run.
+
+A single curve flatters the run being compared: the baseline's intermediate evals are taken
+before its learning-rate warmdown, so they sit above what a run trained for exactly that
+budget reaches. With `--frontier D1 D2 ...` (dense runs trained to different --target-flops)
+the multiplier reads the curve through their *final* (FLOPs, val bpb) points instead, each
+fully annealed (the IsoFLOP practice of Hoffmann et al. 2022): "> x" beyond the largest,
+"<= x" when even the smallest frontier run was at least as good.
 """
 
 import json
@@ -86,14 +93,32 @@ def compute_multiplier(baseline_evals, run_final_bpb, run_flops):
     return needed / run_flops, True
 
 
-def build_rows(runs, baseline_idx):
+def frontier_multiplier(points, run_final_bpb, run_flops):
+    """points: sorted (FLOPs, final val bpb) of separately trained baseline runs. Returns
+    (value, relation) with relation "=", ">" (no frontier run got that low) or "<=" (the
+    smallest one already did)."""
+    if points[0][1] <= run_final_bpb:
+        return points[0][0] / run_flops, "<="
+    needed = flops_to_reach(points, run_final_bpb)
+    if needed is None:
+        return points[-1][0] / run_flops, ">"
+    return needed / run_flops, "="
+
+
+def build_rows(runs, baseline_idx, frontier_idx=()):
     common = min(evals[-1][0] for _, _, evals, _, _ in runs)
     base_evals = runs[baseline_idx][2]
+    frontier = sorted((runs[i][2][-1][0], runs[i][3]["final_val_bpb"]) for i in frontier_idx)
     rows = []
     for i, (name, header, evals, s, mfu) in enumerate(runs):
         floor = s.get("entropy_floor")
         at_common = bpb_at(evals, common)
-        if i == baseline_idx:
+        if i in frontier_idx:
+            mult = "frontier"
+        elif frontier:
+            value, relation = frontier_multiplier(frontier, s["final_val_bpb"], evals[-1][0])
+            mult = f"{value:.2f}" if relation == "=" else f"{relation} {value:.2f}"
+        elif i == baseline_idx:
             mult = "1 (baseline)"
         else:
             value, reached = compute_multiplier(base_evals, s["final_val_bpb"], evals[-1][0])
@@ -150,6 +175,8 @@ def main():
     p = ArgumentParser(prog="compare", description="Compare finished runs at equal training FLOPs.")
     p.add_argument("--runs", nargs="+", required=True, help="model tags or run folders")
     p.add_argument("--baseline", default="", help="run to measure compute multipliers against (default: first dense run)")
+    p.add_argument("--frontier", nargs="+", default=[],
+                   help="runs of --runs trained to different budgets (dense): multipliers read their final points")
     p.add_argument("--out", default="", help="folder for comparison.md and comparison.png")
     args = p.parse_args()
     runs = [load_run(r) for r in args.runs]
@@ -164,15 +191,25 @@ def main():
         baseline_idx = names.index(key)
     else:
         baseline_idx = next((i for i, r in enumerate(runs) if not r[1].get("config", {}).get("use_moe")), 0)
-    rows, common = build_rows(runs, baseline_idx)
+    frontier_idx = []
+    for f in args.frontier:
+        key = os.path.basename(os.path.normpath(f))
+        if key not in names:
+            raise UserError(f"--frontier {f} is not one of --runs ({', '.join(names)})")
+        frontier_idx.append(names.index(key))
+    rows, common = build_rows(runs, baseline_idx, frontier_idx)
     table = markdown_table(rows)
     print(table)
+    if frontier_idx:
+        basis = f"the final points of {', '.join(names[i] for i in frontier_idx)} (--frontier)"
+    else:
+        basis = names[baseline_idx]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         md = os.path.join(args.out, "comparison.md")
         with open(md + ".tmp", "w") as f:
             f.write(f"# Comparison at equal training FLOPs\n\nBaseline for the compute multiplier: "
-                    f"{names[baseline_idx]}. Common FLOPs: {common:.3e}.\n\n{table}\n")
+                    f"{basis}. Common FLOPs: {common:.3e}.\n\n{table}\n")
         os.replace(md + ".tmp", md)
         png = os.path.join(args.out, "comparison.png")
         try:

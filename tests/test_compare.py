@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from scripts.compare import bpb_at, flops_to_reach, compute_multiplier, load_run, build_rows, markdown_table
+from scripts.compare import (bpb_at, flops_to_reach, compute_multiplier, frontier_multiplier, load_run, build_rows,
+                             markdown_table)
 from nanochat.common import UserError
 
 
@@ -88,3 +89,26 @@ def test_unfinished_or_missing_run_is_a_clear_error(tmp_path):
         load_run(str(d))
     r = subprocess.run([sys.executable, "-m", "scripts.compare", "--runs", str(d)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_frontier_reads_final_points_of_separate_runs(tmp_path):
+    # Two dense runs trained to 1e13 and 4e13 FLOPs end at 1.6 and 1.4. An MoE ending at 1.5 with
+    # 1e13: halfway in bpb = halfway in log-FLOPs -> the dense frontier needs 2e13 -> 2.00.
+    points = [(1e13, 1.6), (4e13, 1.4)]
+    assert frontier_multiplier(points, 1.5, 1e13) == (pytest.approx(2.0), "=")
+    assert frontier_multiplier(points, 1.3, 1e13) == (pytest.approx(4.0), ">")
+    assert frontier_multiplier(points, 1.7, 1e13) == (pytest.approx(1.0), "<=")
+    # The same MoE read on the longer run's own (un-annealed) curve looks better: its eval at
+    # 1e13 (1.7, mid-schedule) is above the 1e13 run's final 1.6.
+    write_run(tmp_path / "d1", [(0, 3.0), (5e12, 1.9), (1e13, 1.6)], 1_000, 1_000, use_moe=False)
+    write_run(tmp_path / "d4", [(0, 3.0), (1e13, 1.7), (2e13, 1.55), (4e13, 1.4)], 1_000, 1_000, use_moe=False)
+    write_run(tmp_path / "moe", [(0, 3.0), (5e12, 1.8), (1e13, 1.5)], 2_000, 1_000, use_moe=True)
+    runs = [load_run(str(tmp_path / n)) for n in ("d1", "d4", "moe")]
+    rows, _ = build_rows(runs, baseline_idx=1)
+    # on d4's curve 1.5 lies a third of the way from (2e13, 1.55) to (4e13, 1.4): 2e13 * 2**(1/3)
+    assert rows[2]["multiplier"] == f"{2 * 2 ** (1 / 3):.2f}" == "2.52"
+    rows, _ = build_rows(runs, baseline_idx=0, frontier_idx=[0, 1])
+    assert [r["multiplier"] for r in rows] == ["frontier", "frontier", "2.00"]
+    r = subprocess.run([sys.executable, "-m", "scripts.compare", "--runs", *(str(tmp_path / n) for n in ("d1", "d4", "moe")),
+                        "--frontier", str(tmp_path / "d9")], capture_output=True, text=True)
+    assert r.returncode != 0 and "--frontier" in r.stderr and len(r.stderr.strip().splitlines()) == 1
