@@ -5,6 +5,8 @@
 #   bash runs/runcpu.sh                         # built-in synthetic corpus (exact entropy floor)
 #   DATA=path/to/texts bash runs/runcpu.sh      # your own .txt/.jsonl/.parquet files or shard folder
 #   TARGET_FLOPS=5e13 DEPTH=6 bash runs/runcpu.sh   # bigger / longer
+#   MOE_FLAGS="--router sigmoid --aux-free-bias 0.01 --balance-loss-coeff 0" bash runs/runcpu.sh
+#                                               # extra base_train flags for the MoE run only
 #   DRY_RUN=1 bash runs/runcpu.sh               # print the commands only
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,7 @@ TARGET_FLOPS="${TARGET_FLOPS:-1.2e13}"
 N_EXPERTS="${N_EXPERTS:-8}"
 TOPK="${TOPK:-2}"
 EXPERT_MULT="${EXPERT_MULT:-2}"   # TOPK x EXPERT_MULT = 4: iso-FLOPs with the dense 4x MLP
+read -ra MOE_EXTRA <<< "${MOE_FLAGS:-}"
 TAG="${TAG:-cpu}"          # runs are <TAG>_dense and <TAG>_moe; OUT= sets where the comparison goes
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 
@@ -37,7 +40,7 @@ COMMON=(--data "$DATA" --vocab-size "$VOCAB" --depth "$DEPTH" --n-embd "$WIDTH" 
         --device-type cpu)
 run python -m scripts.base_train "${COMMON[@]}" --model-tag "${TAG}_dense"
 run python -m scripts.base_train "${COMMON[@]}" --use-moe --n-experts "$N_EXPERTS" --expert-topk "$TOPK" \
-    --expert-hidden-mult "$EXPERT_MULT" --model-tag "${TAG}_moe"
+    --expert-hidden-mult "$EXPERT_MULT" ${MOE_EXTRA[@]+"${MOE_EXTRA[@]}"} --model-tag "${TAG}_moe"
 OUT="${OUT:-${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/comparisons/${TAG}}"
 run python -m scripts.compare --runs "${TAG}_dense" "${TAG}_moe" --out "$OUT"
 echo "plot: $OUT/comparison.png"

@@ -38,6 +38,12 @@ def test_runcpu_dry_run_trains_dense_and_moe_at_the_same_flops():
     assert compare.startswith("python -m scripts.compare --runs cpu_dense cpu_moe --out")
 
 
+def test_runcpu_moe_flags_reach_only_the_moe_run():
+    dense, moe, _ = dry_run("runs/runcpu.sh", MOE_FLAGS="--router sigmoid --aux-free-bias 0.01 --balance-loss-coeff 0")
+    assert "--router" not in dense
+    assert moe.endswith("--router sigmoid --aux-free-bias 0.01 --balance-loss-coeff 0 --model-tag cpu_moe")
+
+
 def test_tmp_moe_dry_run_uses_torchrun_fp8_and_wandb():
     cmds = dry_run("runs/tmp_moe.sh", NPROC="1", WANDB_RUN="exp1")
     prepare, dense, moe, compare = cmds
