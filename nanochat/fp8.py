@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import UserError
+from nanochat.moe import MoE, group_sizes
 
 
 def fp8_module_filter(module, fqn):
@@ -48,7 +49,6 @@ def convert_to_fp8(model):
     the MoE experts whose widths divide by 16 to the FP8 grouped GEMM. Returns (linear names,
     expert layer names), for the startup log."""
     from torchao.float8 import convert_to_float8_training
-    from nanochat.moe import MoE
     candidates = [name for name, mod in model.named_modules() if fp8_module_filter(mod, name)]
     convert_to_float8_training(model, module_filter_fn=fp8_module_filter)
     experts = []
@@ -77,7 +77,7 @@ def pad_token_groups(offsets, n_rows, align=ALIGN):
     Empty groups get `align` zero rows (never size 0)."""
     n_experts = offsets.numel()
     ends = offsets.long()
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    counts = group_sizes(offsets)
     padded_counts = torch.clamp((counts + align - 1) // align, min=1) * align
     padded_ends = torch.cumsum(padded_counts, dim=0)
     shift = (padded_ends - padded_counts) - (ends - counts)  # padded start - original start

@@ -66,11 +66,19 @@ def expert_counts(expert_ids, n_experts):
     return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def switch_balance_loss(probs, expert_ids, n_experts):
+def group_sizes(offsets):
+    """Rows per expert from grouped_mm end offsets: (E,) int64."""
+    ends = offsets.long()
+    return torch.diff(ends, prepend=ends.new_zeros(1))
+
+
+def switch_balance_loss(probs, expert_ids, n_experts, counts=None):
     """Switch balance loss N * sum_i f_i * P_i. f_i: fraction of the N*k assignments that went
-    to expert i (counts, no gradient); P_i: mean router probability of expert i (carries the
-    gradient). Equals 1 whenever P is uniform, and is minimised (=1) by balanced routing."""
-    counts = expert_counts(expert_ids, n_experts)
+    to expert i (counts, no gradient; pass them when already known); P_i: mean router
+    probability of expert i (carries the gradient). Equals 1 whenever P is uniform, and is
+    minimised (=1) by balanced routing."""
+    if counts is None:
+        counts = expert_counts(expert_ids, n_experts)
     f = counts.to(probs.dtype) / expert_ids.numel()
     p = probs.mean(dim=0)
     return n_experts * torch.sum(f * p)
@@ -134,7 +142,7 @@ def capacity_slots(expert_ids, order, offsets, capacity):
     full. Earlier tokens in the batch win, as in Switch. Returns (slots, kept mask)."""
     n_experts = offsets.numel()
     sorted_experts = expert_ids.flatten()[order]
-    starts = offsets.long() - expert_counts(sorted_experts, n_experts)
+    starts = offsets.long() - group_sizes(offsets)
     position = torch.arange(order.numel(), device=order.device) - starts[sorted_experts]
     kept = position < capacity
     slots = torch.where(kept, sorted_experts * capacity + position, n_experts * capacity)
@@ -162,8 +170,7 @@ def grouped_linear(x, w, offsets):
     (one host sync for the counts; correct, just slower)."""
     if _grouped_mm_ok(x, w):
         return F.grouped_mm(x, w.transpose(-2, -1), offs=offsets)
-    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
-    chunks = torch.split(x, counts, dim=0)
+    chunks = torch.split(x, group_sizes(offsets).tolist(), dim=0)
     return torch.cat([F.linear(chunk, w[e]) for e, chunk in enumerate(chunks)], dim=0)
 
 
@@ -252,9 +259,10 @@ class MoE(nn.Module):
         n_tokens = B * T
         weights, expert_ids, probs, logits = route(x_flat, self.router.weight, self.topk, self.router_kind,
                                                    self.expert_bias if self.use_bias else None, self.route_scale)
-        balance_loss = switch_balance_loss(probs, expert_ids, self.n_experts)
-        z_loss = router_z_loss(logits)
         order, token_ids, offsets = dispatch(expert_ids, self.n_experts)
+        counts = group_sizes(offsets)  # assignments per expert, counted once (in dispatch)
+        balance_loss = switch_balance_loss(probs, expert_ids, self.n_experts, counts)
+        z_loss = router_z_loss(logits)
         inverse = inverse_permutation(order)
         x_sorted = gather_tokens(x_flat, token_ids, inverse, self.topk)
         if self.capacity_factor > 0:
@@ -273,7 +281,7 @@ class MoE(nn.Module):
             out = out + self.shared_proj(F.relu(self.shared_fc(x_flat)).square()).to(out.dtype)
         if self.training:
             with torch.no_grad():
-                counts = expert_counts(expert_ids, self.n_experts).float()
+                counts = counts.float()
                 if self.use_bias:
                     self.load_since_step += counts
                 entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum()

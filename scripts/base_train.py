@@ -116,7 +116,7 @@ def validate_args(args, world_size):
         require(args.expert_topk <= args.n_experts, f"--expert-topk {args.expert_topk} exceeds --n-experts {args.n_experts}")
         require(args.moe_freq >= 1, f"--moe-freq must be >= 1 (got {args.moe_freq})")
         require(args.moe_freq <= args.depth, f"--moe-freq {args.moe_freq} > --depth {args.depth}: no layer would be MoE")
-        require(args.expert_hidden_mult >= 0, f"--expert-hidden-mult must be > 0, or 0 for 4 / --expert-topk (got {args.expert_hidden_mult})")
+        require(args.expert_hidden_mult >= 0, f"--expert-hidden-mult must be > 0, or 0 for 4 / (--expert-topk + --n-shared-experts) (got {args.expert_hidden_mult})")
         require(args.balance_loss_coeff >= 0, f"--balance-loss-coeff must be >= 0 (got {args.balance_loss_coeff})")
         require(args.route_scale > 0, f"--route-scale must be > 0 (got {args.route_scale})")
         require(args.n_shared_experts >= 0, f"--n-shared-experts must be >= 0 (got {args.n_shared_experts})")
