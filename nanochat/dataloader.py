@@ -14,6 +14,10 @@ including this batch has been consumed"):
     epoch, shard, row_group, offset  position in the stream where the next row starts
                                      (offset counts tokens into that row group)
     batch                            index of the next global batch
+    epochs                           passes over the data so far, fractional (1.5 = a pass and
+                                     a half): row groups weighted by their uncompressed bytes,
+                                     the current one by its consumed fraction of tokens;
+                                     informational (a restored loader recomputes it)
 """
 
 import numpy as np
@@ -37,13 +41,24 @@ def _segments(tokenizer, shard_paths, state, loop):
             n_groups = pq.ParquetFile(shard_paths[shard]).num_row_groups
             while row_group < n_groups:
                 tokens = _row_group_tokens(tokenizer, shard_paths[shard], row_group)
-                yield (epoch, shard, row_group), offset, tokens[offset:]
+                yield (epoch, shard, row_group), offset, tokens[offset:], len(tokens)
                 offset = 0
                 row_group += 1
             shard, row_group = shard + 1, 0
         if not loop:
             return
         epoch, shard = epoch + 1, 0
+
+
+def _row_group_bytes(shard_paths):
+    """{(shard, row_group): uncompressed bytes before it in the pass}, and the pass's total."""
+    before, total = {}, 0
+    for i, path in enumerate(shard_paths):
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            before[i, g] = total
+            total += meta.row_group(g).total_byte_size
+    return before, max(total, 1)
 
 
 def data_loader(tokenizer, shard_paths, B, T, *, rank=0, world_size=1, device="cpu", state=None, loop=True):
@@ -56,18 +71,28 @@ def data_loader(tokenizer, shard_paths, B, T, *, rank=0, world_size=1, device="c
     # The buffer holds not-yet-consumed tokens; `spans` remembers which row group each piece
     # came from and at which offset it starts, so the state can name where the next row starts.
     buffer = np.zeros(0, dtype=np.int64)
-    spans = []  # [position, start_offset_in_row_group, length]
+    spans = []  # [position, start_offset_in_row_group, length, row group's total tokens]
+    bytes_before, bytes_total = _row_group_bytes(shard_paths)
+
+    def epochs_at(epoch, shard, row_group, offset, n_tokens):
+        # past a shard's last row group: the next shard's first; past the last shard: a full pass
+        done = bytes_before.get((shard, row_group), bytes_before.get((shard + 1, 0), bytes_total))
+        if n_tokens:
+            nxt = bytes_before.get((shard, row_group + 1), bytes_before.get((shard + 1, 0), bytes_total))
+            done += (nxt - done) * offset / n_tokens
+        return epoch + done / bytes_total
+
     batch_index = state["batch"]
     use_pin = torch.device(device).type == "cuda"
     while True:
         need = B * row_len
         while len(buffer) < need:
             try:
-                position, offset, tokens = next(segments)
+                position, offset, tokens, n_tokens = next(segments)
             except StopIteration:
                 return
             if len(tokens):
-                spans.append([position, offset, len(tokens)])
+                spans.append([position, offset, len(tokens), n_tokens])
                 buffer = np.concatenate([buffer, tokens])
         rows, buffer = buffer[:need], buffer[need:]
         # Advance the span bookkeeping by `need` tokens.
@@ -80,11 +105,13 @@ def data_loader(tokenizer, shard_paths, B, T, *, rank=0, world_size=1, device="c
             if spans[0][2] == 0:
                 spans.pop(0)
         if spans:
-            (epoch, shard, row_group), offset, _ = spans[0]
+            (epoch, shard, row_group), offset, _, n_tokens = spans[0]
             next_state = dict(epoch=epoch, shard=shard, row_group=row_group, offset=offset)
         else:  # buffer empty: the next row starts at the row group after the last one read
             next_state = dict(epoch=position[0], shard=position[1], row_group=position[2] + 1, offset=0)
+            n_tokens = 0
         next_state["batch"] = batch_index + 1
+        next_state["epochs"] = epochs_at(*(next_state[k] for k in ("epoch", "shard", "row_group", "offset")), n_tokens)
         mine = batch_index % world_size == rank
         batch_index += 1
         if not mine:

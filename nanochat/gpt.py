@@ -145,8 +145,8 @@ class GPT(nn.Module):
     def init_weights(self):
         """nanochat's init: unit-normal embeddings, a tiny lm_head, uniform input projections
         with the std of a unit-variance fan-in init, and zero output projections so every
-        block starts as the identity. Experts start like the dense MLP; the router at zero
-        (uniform routing at init)."""
+        block starts as the identity. Experts start like the dense MLP; the router with small
+        random weights (MoE.init_weights: near-uniform scores, but tokens spread over experts)."""
         self.apply(self._init_linear)
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
@@ -156,14 +156,7 @@ class GPT(nn.Module):
                 torch.nn.init.uniform_(lin.weight, -s, s)
             torch.nn.init.zeros_(block.attn.c_proj.weight)
             if block.is_moe:
-                torch.nn.init.uniform_(block.mlp.w_fc, -s, s)
-                torch.nn.init.zeros_(block.mlp.w_proj)
-                torch.nn.init.zeros_(block.mlp.router.weight)
-                for buf in (block.mlp.expert_bias, block.mlp.load_since_step, block.mlp.stats):
-                    buf.zero_()  # built on the meta device: buffers are uninitialised until here
-                if block.mlp.n_shared:
-                    torch.nn.init.uniform_(block.mlp.shared_fc.weight, -s, s)
-                    torch.nn.init.zeros_(block.mlp.shared_proj.weight)
+                block.mlp.init_weights()  # experts like the MLP below; a small random router
             else:
                 torch.nn.init.uniform_(block.mlp.c_fc.weight, -s, s)
                 torch.nn.init.zeros_(block.mlp.c_proj.weight)
@@ -228,8 +221,9 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
         """idx: (B, T) token ids. Without targets: returns logits (B, T, V), fp32.
         With targets: returns (cross_entropy, aux) where aux = {"balance_loss", "z_loss"}: the
-        Switch balance loss and router z-loss, each the mean over MoE layers (zero tensors for
-        dense models); the trainer weights and adds them. Targets of -1 are ignored.
+        Switch balance loss and router z-loss, each the SUM over MoE layers (zero tensors for
+        dense models); the trainer weights and adds them, so every layer's router feels the
+        full coefficient, as in Switch (Mesh-TF), GShard, DeepSeek and Megatron. Targets of -1 are ignored.
         kv_cache (inference, see nanochat/engine.py): idx are the tokens that follow the ones
         already cached; their rotary positions start at the cache position, and their keys and
         values are appended to the cache."""
@@ -253,7 +247,7 @@ class GPT(nn.Module):
                                reduction=loss_reduction)
         if loss_reduction == "none":
             loss = loss.view(B, T)
-        aux = {name: torch.stack([m[name] for m in moe_losses]).mean() if moe_losses else logits.new_zeros(())
+        aux = {name: torch.stack([m[name] for m in moe_losses]).sum() if moe_losses else logits.new_zeros(())
                for name in ("balance_loss", "z_loss")}
         return loss, aux
 

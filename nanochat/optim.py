@@ -32,18 +32,31 @@ def zeropower_via_newtonschulz5(G, steps=5):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D weights and stacked (E, out, in) expert weights, nn.Linear layout."""
+    """Muon for 2-D weights and stacked (E, out, in) expert weights, nn.Linear layout.
+
+    Idle experts do not move. Newton-Schulz normalises whatever is in the momentum buffer, so
+    an expert that got no token would otherwise take a full-size step in a stale direction
+    every step for as long as it stays idle (measured before this rule: update RMS ~0.003 per
+    step for 40 steps with zero gradient, the same as an active expert). step() takes
+    `active_experts` {stacked expert weight: (E,) bool, from moe.active_expert_masks}: an idle
+    expert's gradient is ignored (it may be garbage on some GPU kernels), its momentum decays
+    as if the gradient were zero, and its weights are left exactly as they are."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
 
     @torch.no_grad()
-    def step(self):
+    def step(self, active_experts=None):
+        active_experts = active_experts or {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 g = p.grad
+                active = active_experts.get(p)
+                if active is not None:  # (E,) -> (E, 1, 1); where(), not a product: 0 * NaN = NaN
+                    active = active.view(-1, *([1] * (g.dim() - 1)))
+                    g = torch.where(active, g, torch.zeros((), dtype=g.dtype, device=g.device))
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(g)
@@ -51,6 +64,8 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(g, 1 - group["momentum"])
                 g = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 update = zeropower_via_newtonschulz5(g, steps=group["ns_steps"])
+                if active is not None:
+                    update = torch.where(active, update, torch.zeros((), dtype=update.dtype, device=update.device))
                 # Orthogonal updates have unit singular values; scale tall matrices (out > in)
                 # up so the per-element update size does not shrink with their aspect ratio.
                 scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5

@@ -274,7 +274,7 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     from nanochat.dataloader import data_loader
     from nanochat.dataset import list_shards, split_shards, read_entropy_floor
     from nanochat.loss_eval import evaluate_bpb
-    from nanochat.moe import update_expert_bias, collect_moe_stats
+    from nanochat.moe import update_expert_bias, collect_moe_stats, collect_step_loads, active_expert_masks
     from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_latest_step, set_rng_state
 
     master = rank == 0
@@ -303,7 +303,7 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
         print0(f"FP8 linears ({len(converted)}): {', '.join(converted) or 'none'}")
         if args.use_moe:
             print0(f"FP8 grouped experts ({len(fp8_experts)} MoE layers): {', '.join(fp8_experts) or 'none'}; "
-                   f"routers stay in bf16")
+                   f"routers stay in fp32 (routing is computed in fp32 under autocast)")
 
     # Training horizon, from active parameters (an MoE's idle experts do no work per token).
     tokens_per_step = args.total_batch_size
@@ -324,6 +324,8 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     optimizers = setup_optimizers(model, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                   matrix_lr=args.matrix_lr, router_lr=args.router_lr,
                                   weight_decay=args.weight_decay, device_type=device_type)
+    adamw, muon = optimizers
+    n_moe_layers = max(1, model.num_moe_layers())
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
     # Fixed shapes, one graph: the MoE's tensors are sized by (tokens, k, experts) only; how many
     # tokens each expert got is data (grouped-GEMM offsets), never a shape. So dynamic=False (no
@@ -457,7 +459,9 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
             if args.use_moe:
                 loss = loss + args.balance_loss_coeff * aux["balance_loss"] + args.router_z_loss * aux["z_loss"]
             (loss / grad_accum).backward()
-            loss_sums += torch.stack([ce.detach(), aux["balance_loss"].detach(), aux["z_loss"].detach()])
+            # logged per MoE layer (the mean), while the loss above takes the sum over layers
+            loss_sums += torch.stack([ce.detach(), aux["balance_loss"].detach() / n_moe_layers,
+                                      aux["z_loss"].detach() / n_moe_layers])
             consumed_state = next_state
             x, y, next_state = next(train_batches)
         all_reduce_grads(model, world_size)
@@ -465,13 +469,16 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lrm
-        for group in optimizers[1].param_groups:
+        for group in muon.param_groups:
             group["momentum"] = get_muon_momentum(step)
-        for opt in optimizers:
-            opt.step()
+        # Tokens per expert in this step (all micro-steps, all ranks): experts that got none
+        # are not moved by Muon, and the aux-free bias balances on the same counts.
+        expert_loads = collect_step_loads(model, world_size)
+        adamw.step()
+        muon.step(active_experts=active_expert_masks(model, expert_loads))
         model.zero_grad(set_to_none=True)
         if args.aux_free_bias > 0:
-            update_expert_bias(model, args.aux_free_bias, world_size)
+            update_expert_bias(model, args.aux_free_bias, expert_loads)
         loss_means = loss_sums / grad_accum
         if ddp:
             dist.all_reduce(loss_means)
@@ -499,7 +506,8 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
         avg_dt = sum(step_times) / len(step_times) if step_times else dt
         eta = format_eta(avg_dt * (num_iterations - step))
         record = dict(type="train", step=step, flops=flops_done, tokens=step * tokens_per_step, train_loss=train_loss,
-                      lr_mult=lrm, dt=dt, tok_per_sec=tok_per_sec, mfu=mfu, epoch=consumed_state["epoch"])
+                      lr_mult=lrm, dt=dt, tok_per_sec=tok_per_sec, mfu=mfu, epoch=consumed_state["epoch"],
+                      epochs=round(consumed_state["epochs"], 4))
         if args.use_moe:
             record.update(balance_loss=balance_loss, z_loss=z_loss)
         metrics.write(record)
@@ -512,20 +520,21 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
             mfu_s = f"{mfu:.1f}%" if mfu is not None else "n/a"
             print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f}{bal} "
                    f"| lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_s} "
-                   f"| epoch {consumed_state['epoch']} | eta {eta}")
+                   f"| epoch {consumed_state['epochs']:.2f} | eta {eta}")
 
     wall = time.time() - t_start
     avg_tok_s = tokens_per_step / (sum(step_times) / len(step_times)) if step_times else float("nan")
     summary = dict(type="summary", step=step, flops=flops_done, tokens=step * tokens_per_step, final_val_bpb=val_bpb,
                    min_val_bpb=min_val_bpb, entropy_floor=entropy_floor, total=params["total"],
                    active_total=params["active_total"], flops_per_token=flops_per_token, tok_per_sec=avg_tok_s,
-                   wall_time=wall, peak_memory_mb=peak_memory_mb(device_type), epochs=consumed_state["epoch"])
+                   wall_time=wall, peak_memory_mb=peak_memory_mb(device_type), epochs=round(consumed_state["epochs"], 4))
     metrics.write(summary)
     metrics.close()
     wandb_run.finish()
     rows = [("model", model_tag), ("params total / active", f"{params['total']:,} / {params['active_total']:,}"),
             ("FLOPs/token", f"{flops_per_token:.4e}"), ("tokens", f"{step * tokens_per_step:,}"),
-            ("FLOPs", f"{flops_done:.4e}"), ("final val bpb", f"{val_bpb:.4f}"),
+            ("FLOPs", f"{flops_done:.4e}"), ("epochs (passes over the train data)", f"{summary['epochs']:.2f}"),
+            ("final val bpb", f"{val_bpb:.4f}"),
             ("entropy floor", f"{entropy_floor:.4f}" if entropy_floor is not None else "n/a"),
             ("tok/s (mean step)", f"{avg_tok_s:,.0f}"), ("wall time", f"{wall:.1f}s"),
             ("peak memory", f"{summary['peak_memory_mb']:.0f} MiB"), ("run folder", run_dir)]

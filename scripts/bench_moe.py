@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from nanochat.common import ArgumentParser, UserError, keep_freed_memory, print0, require, run_main
 from nanochat.gpt import GPTConfig, MLP, build_model
-from nanochat.moe import MoE, naive_moe_forward
+from nanochat.moe import MoE, naive_moe_forward, collect_step_loads, active_expert_masks
 from nanochat.optim import setup_optimizers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -210,8 +210,9 @@ def bench_step(args, device, dtype):
             (loss + 0.01 * aux["balance_loss"]).backward()
 
         def run_opt(model=model, optimizers=optimizers):
-            for opt in optimizers:
-                opt.step()
+            adamw, muon = optimizers  # as base_train steps them: idle experts masked out of Muon
+            adamw.step()
+            muon.step(active_experts=active_expert_masks(model, collect_step_loads(model)))
             model.zero_grad(set_to_none=False)  # keep grads allocated, as across micro-batches
 
         run_fwdbwd()

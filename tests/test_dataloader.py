@@ -86,3 +86,25 @@ def test_loop_false_stops_and_loop_true_counts_epochs(tmp_path):
     looping = data_loader(ByteTokenizer(), paths, 1, 7, loop=True)
     epochs = [next(looping)[2]["epoch"] for _ in range(3 * stream_len // 8)]
     assert epochs[0] == 0 and max(epochs) >= 2
+
+
+def test_fractional_epochs_follow_the_tokens_consumed(tmp_path):
+    # one shard, one row group: the fraction is exactly tokens consumed / tokens in the pass
+    docs = [f"document {i} " + "y" * (i % 7) for i in range(20)]
+    path = str(tmp_path / "shard_00000.parquet")
+    write_shard(docs, path, row_group_size=1024)
+    n = len(expected_stream(docs))
+    loader = data_loader(ByteTokenizer(), [path], 2, 7, loop=True)
+    for b in range(1, 2 * n // 16 + 1):
+        state = next(loader)[2]
+        consumed = b * 16
+        assert abs(state["epochs"] - (state["epoch"] + (consumed % n) / n)) < 1e-9, (b, state)
+    assert 1.0 < state["epochs"] < 2.0 and state["epoch"] == 1
+    # several shards and row groups: epochs grow monotonically and one pass ends near 1.0
+    (tmp_path / "multi").mkdir()
+    paths, docs = make_shards(tmp_path / "multi", n_shards=3)
+    n = len(expected_stream(docs))
+    loader = data_loader(ByteTokenizer(), paths, 1, 7, loop=True)
+    values = [next(loader)[2]["epochs"] for _ in range(n // 8)]
+    assert values == sorted(values) and 0.9 < values[-1] <= 1.0
+    assert abs(values[len(values) // 2] - 0.5) < 0.1

@@ -33,9 +33,12 @@ def random_model(use_moe, seed=0, **kw):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["dense", "moe"])
+@pytest.fixture(scope="module", params=["dense", "moe", "moe_capacity"])
 def model(request):
-    return random_model(request.param == "moe")
+    # moe_capacity: a capacity factor that would drop tokens in training (1.0 of the balanced
+    # share); inference is dropless, so the cache paths must still equal the full forward
+    kw = dict(capacity_factor=1.0) if request.param == "moe_capacity" else {}
+    return random_model(request.param != "dense", **kw)
 
 
 PROMPT = [V - 1, 17, 42, 99, 3]  # BOS (the last id, by the tokenizer's convention) + 4 tokens

@@ -93,13 +93,32 @@ def test_iso_flops_dense_vs_top2_mult2_differ_by_router_only():
     assert moe.num_scaling_params()["active_total"] - dense.num_scaling_params()["active_total"] == 4 * 8 * 64
 
 
-def test_init_blocks_are_identity_and_router_uniform():
+def test_init_blocks_are_identity_and_router_small_random():
     model = build_model(moe_cfg(), "cpu")
     for block in model.transformer.h:
         assert block.attn.c_proj.weight.abs().sum() == 0
         if block.is_moe:
-            assert block.mlp.router.weight.abs().sum() == 0 and block.mlp.w_proj.abs().sum() == 0
+            assert block.mlp.w_proj.abs().sum() == 0
             assert block.mlp.w_fc.std().item() == pytest.approx(64**-0.5, rel=0.1)
+            # logit std 0.1 on a unit-RMS input: w std 0.1 / sqrt(d)
+            assert block.mlp.router.weight.std().item() == pytest.approx(0.1 * 64**-0.5, rel=0.25)
+
+
+def test_router_init_spreads_tokens_over_64_experts_at_step_0():
+    # A zero gate ties every logit: top-2 then sends every token to the same 2 experts and 62
+    # of 64 are dead at step 0. With the small random init, one forward reaches most experts
+    # while every token's scores stay near uniform.
+    torch.manual_seed(0)
+    model = build_model(moe_cfg(n_experts=64, expert_topk=2, moe_freq=1), "cpu")
+    idx = torch.randint(0, 512, (4, 32))
+    model(idx, idx)
+    for m in model.modules():
+        if isinstance(m, MoE):
+            reached = int((m.load_since_step > 0).sum())
+            assert reached > 32, reached
+    x = torch.nn.functional.rms_norm(model.transformer.wte(idx), (64,)).view(-1, 64)
+    probs = torch.softmax(x @ model.transformer.h[0].mlp.router.weight.T, dim=-1)
+    assert probs.max() < 1.5 / 64 and probs.min() > 0.5 / 64
 
 
 def test_rotary_and_attention_are_causal():

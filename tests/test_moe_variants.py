@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import nanochat.moe as moe_mod
 from nanochat.checkpoint import save_checkpoint, load_checkpoint
 from nanochat.gpt import GPTConfig, build_model
-from nanochat.moe import MoE, route, router_z_loss, update_expert_bias, collect_moe_stats
+from nanochat.moe import MoE, route, router_z_loss, update_expert_bias, collect_moe_stats, collect_step_loads
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,20 +65,27 @@ def expert_out(x, w_fc, w_proj):
 
 def ref_moe_forward(moe, x_flat, capacity=None):
     """Per-token loop: sum over kept assignments of weight x expert MLP output (+ shared MLP).
-    With a capacity, assignments are taken in token order and an expert takes at most
-    `capacity` of them. Returns (out (N, d), assignments dropped). Differentiable."""
+    With a capacity, an expert takes at most `capacity` assignments, first choices before
+    second choices (GShard), in token order within a choice. Returns (out (N, d), assignments
+    dropped). Differentiable."""
     _, ids, _ = ref_route(x_flat, moe.router.weight, moe.topk, moe.router_kind,
                           moe.expert_bias if moe.use_bias else None, moe.route_scale)
-    used, dropped, rows = [0] * moe.n_experts, 0, []
-    for t in range(x_flat.size(0)):
+    n_tokens = x_flat.size(0)
+    kept = [[True] * moe.topk for _ in range(n_tokens)]
+    if capacity is not None:
+        used = [0] * moe.n_experts
+        for j in range(moe.topk):
+            for t in range(n_tokens):
+                e = int(ids[t, j])
+                kept[t][j] = used[e] < capacity
+                used[e] += kept[t][j]
+    dropped, rows = sum(not k for row in kept for k in row), []
+    for t in range(n_tokens):
         y = torch.zeros_like(x_flat[t])
         for j in range(moe.topk):
+            if not kept[t][j]:
+                continue
             e = int(ids[t, j])
-            if capacity is not None:
-                if used[e] >= capacity:
-                    dropped += 1
-                    continue
-                used[e] += 1
             # the weight must carry the router gradient: recompute it from the live gate
             y = y + weights_live(moe, x_flat[t], ids[t])[j] * expert_out(x_flat[t], moe.w_fc[e], moe.w_proj[e])
         if moe.n_shared:
@@ -207,15 +214,36 @@ def test_moe_returns_z_loss_with_analytic_router_gradient():
     assert moe.w_fc.grad is None or moe.w_fc.grad.abs().sum() == 0  # z-loss touches only the router
 
 
-def test_gpt_forward_returns_z_loss_of_a_zero_router():
-    # build_model zeroes the routers: every logit is 0, so lse = ln E and z = (ln E)^2 exactly
-    model = build_model(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=1, n_kv_head=1, n_embd=32,
+def test_gpt_forward_sums_z_and_balance_loss_over_layers_with_zero_routers():
+    # zero routers: every logit is 0, so each layer has lse = ln E, z = (ln E)^2 and a Switch
+    # loss of exactly 1; GPT.forward returns the SUM over the 3 MoE layers (Switch/GShard/
+    # DeepSeek: each layer's router feels the full coefficient), not the mean
+    model = build_model(GPTConfig(sequence_len=16, vocab_size=64, n_layer=3, n_head=1, n_kv_head=1, n_embd=32,
                                   use_moe=True, n_experts=4, expert_topk=2, expert_hidden_mult=2), "cpu")
+    for m in moe_mod.moe_layers(model):
+        nn.init.zeros_(m.router.weight)
     idx = torch.randint(0, 64, (2, 16))
     ce, aux = model(idx, idx)
     assert set(aux) == {"balance_loss", "z_loss"}
-    assert aux["z_loss"].item() == pytest.approx(math.log(4) ** 2, rel=1e-6)
-    assert aux["balance_loss"].item() == pytest.approx(1.0, abs=1e-6)
+    assert aux["z_loss"].item() == pytest.approx(3 * math.log(4) ** 2, rel=1e-6)
+    assert aux["balance_loss"].item() == pytest.approx(3.0, abs=1e-6)
+
+
+def test_gpt_forward_aux_losses_are_the_sum_of_each_layers_losses():
+    # random routers and weights: every layer has its own balance and z-loss; record them
+    # from each MoE's own output and check GPT.forward adds them up
+    torch.manual_seed(3)
+    model = build_model(GPTConfig(sequence_len=16, vocab_size=64, n_layer=4, n_head=1, n_kv_head=1, n_embd=32,
+                                  use_moe=True, n_experts=4, expert_topk=2, expert_hidden_mult=2, moe_freq=2), "cpu")
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.3)
+    per_layer = []
+    for m in moe_mod.moe_layers(model):
+        m.register_forward_hook(lambda mod, inp, out: per_layer.append({k: v.item() for k, v in out[1].items()}))
+    _, aux = model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
+    assert len(per_layer) == 2 and per_layer[0]["balance_loss"] != per_layer[1]["balance_loss"]
+    for name in ("balance_loss", "z_loss"):
+        assert aux[name].item() == pytest.approx(sum(layer[name] for layer in per_layer), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,15 +393,17 @@ def test_update_expert_bias_hand_computed():
     layers[0].expert_bias.copy_(torch.tensor([0.5, 0.0, -0.25, 0.0]))
     layers[0].load_since_step.copy_(torch.tensor([10.0, 2.0, 4.0, 4.0]))  # mean 5: sign = (-1, 1, 1, 1), mean 0.5
     layers[1].load_since_step.copy_(torch.tensor([5.0, 5.0, 10.0, 0.0]))  # mean 5: sign = (0, 0, -1, 1), mean 0
-    update_expert_bias(layers, 0.1)
+    update_expert_bias(layers, 0.1, collect_step_loads(layers))
     assert torch.allclose(layers[0].expert_bias, torch.tensor([0.5 - 0.15, 0.05, -0.25 + 0.05, 0.05]), atol=1e-7)
     assert torch.allclose(layers[1].expert_bias, torch.tensor([0.0, 0.0, -0.1, 0.1]), atol=1e-7)
     for m in layers:
         assert (m.load_since_step == 0).all()
 
 
-def test_load_is_accumulated_only_in_training_and_only_with_the_bias():
+def test_load_is_accumulated_in_training_with_or_without_the_bias():
+    # the optimizer needs the per-step load to leave idle experts alone, so it is always kept
     with_bias, without = make_moe(aux_free_bias=0.01), make_moe()
+    without.load_state_dict(with_bias.state_dict())
     x1, x2 = torch.randn(1, 10, 16), torch.randn(2, 3, 16)
     counts = torch.zeros(4)
     for x in (x1, x2):
@@ -382,10 +412,12 @@ def test_load_is_accumulated_only_in_training_and_only_with_the_bias():
         _, ids, _ = ref_route(x.view(-1, 16), with_bias.router.weight, 2)
         counts += torch.bincount(ids.flatten(), minlength=4).float()
     assert torch.equal(with_bias.load_since_step, counts) and counts.sum() == 2 * 16
-    assert (without.load_since_step == 0).all()
+    assert torch.equal(without.load_since_step, counts)
     with_bias.eval()
     with_bias(x1)
     assert torch.equal(with_bias.load_since_step, counts)
+    assert torch.equal(collect_step_loads(nn.ModuleList([with_bias, without])), torch.stack([counts, counts]))
+    assert (with_bias.load_since_step == 0).all() and (without.load_since_step == 0).all()  # read resets
 
 
 def test_bias_updates_balance_a_skewed_router_without_gradient_steps():
@@ -408,7 +440,7 @@ def test_bias_updates_balance_a_skewed_router_without_gradient_steps():
     with torch.no_grad():
         for _ in range(150):
             moe(x)
-            update_expert_bias(moe, rate)
+            update_expert_bias(moe, rate, collect_step_loads(moe))
     cv_bias = cv_of(counts(moe.expert_bias))
     assert cv_bias < 0.35 * cv_none, (cv_none, cv_bias, counts(moe.expert_bias))
     assert abs(moe.expert_bias.mean().item()) < 1e-6

@@ -1,9 +1,16 @@
-"""Muon (per-expert orthogonalisation) and the optimizer split."""
+"""Muon (per-expert orthogonalisation, idle experts left alone) and the optimizer split."""
 
+import os
+import socket
+
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from nanochat.gpt import GPTConfig, build_model
-from nanochat.optim import Muon, zeropower_via_newtonschulz5, setup_optimizers
+from nanochat.moe import moe_layers, collect_step_loads, active_expert_masks
+from nanochat.optim import Muon, zeropower_via_newtonschulz5, setup_optimizers, all_reduce_grads
 
 
 def test_newton_schulz_flattens_the_spectrum():
@@ -53,3 +60,127 @@ def test_every_parameter_gets_exactly_one_optimizer_and_router_uses_adamw():
         assert id(block.mlp.router.weight) in adam_ids
         assert id(block.mlp.w_fc) in muon_ids and id(block.mlp.w_proj) in muon_ids
     assert all("initial_lr" in g for opt in (adamw, muon) for g in opt.param_groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Idle experts: an expert that got no token in an optimizer step is not moved by that step
+
+def idle_moe_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+                    use_moe=True, n_experts=4, expert_topk=2, expert_hidden_mult=2, aux_free_bias=1e-9)
+    return build_model(cfg, "cpu")
+
+
+def force_idle(model, expert, idle=True):
+    """A large negative choice bias: the expert is never picked (a forced-idle expert, the way
+    real routing starves one), while the router itself still computes its scores."""
+    for m in moe_layers(model):
+        m.expert_bias[expert] = -1e4 if idle else 0.0
+
+
+def train_step(model, adamw, muon, micro_batches, before_micro=None):
+    """One optimizer step as base_train takes it: micro-steps, loads, AdamW, masked Muon."""
+    for i, idx in enumerate(micro_batches):
+        if before_micro:
+            before_micro(i)
+        loss, aux = model(idx, idx)
+        (loss + 0.01 * aux["balance_loss"]).backward()
+    loads = collect_step_loads(model)
+    adamw.step()
+    muon.step(active_experts=active_expert_masks(model, loads))
+    model.zero_grad(set_to_none=True)
+    return loads
+
+
+def expert_weights(model, e):
+    return [t[e].detach().clone() for m in moe_layers(model) for t in (m.w_fc, m.w_proj)]
+
+
+def test_forced_idle_expert_is_not_moved_by_muon_but_router_and_others_are():
+    model = idle_moe_model()
+    adamw, muon = setup_optimizers(model)
+    g = torch.Generator().manual_seed(1)
+    batch = lambda: [torch.randint(0, 128, (4, 16), generator=g) for _ in range(2)]
+    for _ in range(3):  # every expert is used and builds up momentum
+        loads = train_step(model, adamw, muon, batch())
+    assert (loads > 0).all()
+    momentum_before = [muon.state[m.w_fc]["momentum_buffer"][3].norm().item() for m in moe_layers(model)]
+    assert min(momentum_before) > 0
+    force_idle(model, 3)
+    idle_before, busy_before = expert_weights(model, 3), expert_weights(model, 0)
+    router_before = [m.router.weight.detach().clone() for m in moe_layers(model)]
+    for _ in range(5):
+        loads = train_step(model, adamw, muon, batch())
+        assert (loads[:, 3] == 0).all() and (loads[:, :3] > 0).all()
+    for a, b in zip(expert_weights(model, 3), idle_before):
+        assert torch.equal(a, b)  # exactly: not a small step, no step
+    assert all(not torch.equal(a, b) for a, b in zip(expert_weights(model, 0), busy_before))
+    assert all(not torch.equal(m.router.weight, r) for m, r in zip(moe_layers(model), router_before))
+    # its momentum decays (x 0.95 per idle step), it does not keep pushing
+    for m, before in zip(moe_layers(model), momentum_before):
+        assert muon.state[m.w_fc]["momentum_buffer"][3].norm().item() == pytest.approx(before * 0.95**5, rel=1e-4)
+
+
+def test_idle_expert_with_garbage_gradient_is_not_moved():
+    # Some GPU grouped GEMMs return garbage for empty groups: the rule counts tokens, it does
+    # not trust the gradient. Write NaN into the idle expert's gradient before the step.
+    model = idle_moe_model()
+    adamw, muon = setup_optimizers(model)
+    force_idle(model, 1)
+    before = expert_weights(model, 1)
+    loss, aux = model(torch.randint(0, 128, (4, 16)), torch.randint(0, 128, (4, 16)))
+    loss.backward()
+    for m in moe_layers(model):
+        m.w_fc.grad[1] = float("nan")
+        m.w_proj.grad[1] = float("nan")
+    loads = collect_step_loads(model)
+    muon.step(active_experts=active_expert_masks(model, loads))
+    for a, b in zip(expert_weights(model, 1), before):
+        assert torch.equal(a, b)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_expert_used_in_one_micro_step_only_is_moved():
+    # loads count over all micro-steps of the optimizer step: idle in micro-step 0, used in 1
+    model = idle_moe_model()
+    adamw, muon = setup_optimizers(model)
+    before = expert_weights(model, 3)
+    micro = [torch.randint(0, 128, (4, 16)) for _ in range(2)]
+    loads = train_step(model, adamw, muon, micro, before_micro=lambda i: force_idle(model, 3, idle=(i == 0)))
+    assert (loads[:, 3] > 0).all()
+    # w_proj moved (at init w_proj = 0, so w_fc has no gradient on this first step)
+    assert all(not torch.equal(a, b) for a, b in zip(expert_weights(model, 3)[1::2], before[1::2]))
+
+
+def _two_rank_worker(rank, port, out):
+    # Rank 0 never routes to expert 3, rank 1 does: summed over ranks the expert is active,
+    # so both ranks must update it identically.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = idle_moe_model()
+    adamw, muon = setup_optimizers(model)
+    force_idle(model, 3, idle=(rank == 0))
+    idx = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(rank))
+    loss, aux = model(idx, idx)
+    loss.backward()
+    all_reduce_grads(model, 2)
+    loads = collect_step_loads(model, world_size=2)
+    muon.step(active_experts=active_expert_masks(model, loads))
+    torch.save(dict(loads=loads, w=expert_weights(model, 3)), os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_idle_on_one_rank_but_used_on_another_is_moved_on_both(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(r0["loads"], r1["loads"]) and (r0["loads"][:, 3] > 0).all()
+    before = expert_weights(idle_moe_model(), 3)
+    for a, b, w0 in zip(r0["w"], r1["w"], before):
+        assert torch.equal(a, b)
+    # w_proj moved (at init w_proj = 0, so w_fc has no gradient on this first step)
+    assert all(not torch.equal(a, w0) for a, w0 in zip(r0["w"][1::2], before[1::2]))
