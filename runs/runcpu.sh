@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # CPU quickstart (no GPU, no internet): train a dense GPT and an iso-FLOPs MoE on the same
-# data with the same FLOPs budget, then print them side by side. ~10 minutes on 2 cores.
+# data with the same FLOPs budget, plus the dense model at 1.5x that budget (the frontier the
+# compute multiplier is read from), then print them side by side. ~10 minutes on 2 cores.
 #
 #   bash runs/runcpu.sh                         # built-in synthetic corpus (exact entropy floor)
 #   DATA=path/to/texts bash runs/runcpu.sh      # your own .txt/.jsonl/.parquet files or shard folder
 #   TARGET_FLOPS=5e13 DEPTH=6 bash runs/runcpu.sh   # bigger / longer
 #   MOE_FLAGS="--router sigmoid --aux-free-bias 0.01 --balance-loss-coeff 0" bash runs/runcpu.sh
 #                                               # extra base_train flags for the MoE run only
+#   FRONTIER=0 bash runs/runcpu.sh              # skip the 1.5x dense run (faster; the multiplier
+#                                               # is then read on one dense curve, which flatters the MoE)
 #   DRY_RUN=1 bash runs/runcpu.sh               # print the commands only
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,11 +39,25 @@ fi
 
 COMMON=(--data "$DATA" --vocab-size "$VOCAB" --depth "$DEPTH" --n-embd "$WIDTH" --head-dim 64
         --max-seq-len "$SEQ_LEN" --device-batch-size 16 --total-batch-size $((16 * SEQ_LEN * 2))
-        --target-flops "$TARGET_FLOPS" --eval-every 50 --eval-tokens 131072 --sample-every 1000000
+        --eval-every 50 --eval-tokens 131072 --sample-every 1000000
         --device-type cpu)
-run python -m scripts.base_train "${COMMON[@]}" --model-tag "${TAG}_dense"
-run python -m scripts.base_train "${COMMON[@]}" --use-moe --n-experts "$N_EXPERTS" --expert-topk "$TOPK" \
-    --expert-hidden-mult "$EXPERT_MULT" ${MOE_EXTRA[@]+"${MOE_EXTRA[@]}"} --model-tag "${TAG}_moe"
+if [ "$DATA" = "synthetic" ]; then
+    # 30k documents (~3.3M tokens): even the 1.5x dense run stays under one epoch
+    COMMON+=(--synthetic-train-docs "${SYNTHETIC_DOCS:-30000}")
+fi
+run python -m scripts.base_train "${COMMON[@]}" --target-flops "$TARGET_FLOPS" --model-tag "${TAG}_dense"
+run python -m scripts.base_train "${COMMON[@]}" --target-flops "$TARGET_FLOPS" --use-moe --n-experts "$N_EXPERTS" \
+    --expert-topk "$TOPK" --expert-hidden-mult "$EXPERT_MULT" ${MOE_EXTRA[@]+"${MOE_EXTRA[@]}"} --model-tag "${TAG}_moe"
+RUNS=("${TAG}_dense" "${TAG}_moe")
+if [ "${FRONTIER:-1}" != "0" ]; then
+    # A second dense run trained (and annealed) to 1.5x the budget: the multiplier is read
+    # between the two dense runs' final points, not on one curve's pre-warmdown evals.
+    FRONTIER_FLOPS=$(awk -v f="$TARGET_FLOPS" 'BEGIN { printf "%.4g", 1.5 * f }')
+    run python -m scripts.base_train "${COMMON[@]}" --target-flops "$FRONTIER_FLOPS" --model-tag "${TAG}_dense_1.5x"
+    RUNS+=("${TAG}_dense_1.5x" --frontier "${TAG}_dense" "${TAG}_dense_1.5x")
+fi
 OUT="${OUT:-${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/comparisons/${TAG}}"
-run python -m scripts.compare --runs "${TAG}_dense" "${TAG}_moe" --out "$OUT"
-echo "plot: $OUT/comparison.png"
+run python -m scripts.compare --runs "${RUNS[@]}" --out "$OUT"
+if [ -z "${DRY_RUN:-}" ] && [ -f "$OUT/comparison.png" ]; then
+    echo "plot: $OUT/comparison.png"
+fi

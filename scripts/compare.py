@@ -19,6 +19,11 @@ budget reaches. With `--frontier D1 D2 ...` (dense runs trained to different --t
 the multiplier reads the curve through their *final* (FLOPs, val bpb) points instead, each
 fully annealed (the IsoFLOP practice of Hoffmann et al. 2022): "> x" beyond the largest,
 "<= x" when even the smallest frontier run was at least as good.
+
+Every run shows its epochs (passes over its training data). A multiplier that involves a run
+trained past one epoch (the run itself, its baseline or a frontier run) is marked "†":
+on repeated data more compute can make a model *worse* (memorisation), so the number then
+measures how the models cope with repetition, not how efficiently they use compute.
 """
 
 import json
@@ -105,27 +110,44 @@ def frontier_multiplier(points, run_final_bpb, run_flops):
     return needed / run_flops, "="
 
 
+REPEATED = "†"  # marks a multiplier measured where some run involved saw its data more than once
+
+
+def repeats_data(summary):
+    """Did the run pass over its training data more than once? Runs of this version record
+    fractional `epochs`; older ones counted completed passes (an int: 1 = somewhere in 1..2)."""
+    epochs = summary.get("epochs")
+    return epochs is not None and (epochs >= 1 if isinstance(epochs, int) else epochs > 1)
+
+
+def format_epochs(summary):
+    epochs = summary.get("epochs")
+    return "n/a" if epochs is None else f"{epochs}+" if isinstance(epochs, int) else f"{epochs:.2f}"
+
+
 def build_rows(runs, baseline_idx, frontier_idx=()):
     common = min(evals[-1][0] for _, _, evals, _, _ in runs)
     base_evals = runs[baseline_idx][2]
     frontier = sorted((runs[i][2][-1][0], runs[i][3]["final_val_bpb"]) for i in frontier_idx)
+    reference_repeats = any(repeats_data(runs[i][3]) for i in (frontier_idx or [baseline_idx]))
     rows = []
     for i, (name, header, evals, s, mfu) in enumerate(runs):
         floor = s.get("entropy_floor")
         at_common = bpb_at(evals, common)
+        repeated = REPEATED if reference_repeats or repeats_data(s) else ""
         if i in frontier_idx:
             mult = "frontier"
         elif frontier:
             value, relation = frontier_multiplier(frontier, s["final_val_bpb"], evals[-1][0])
-            mult = f"{value:.2f}" if relation == "=" else f"{relation} {value:.2f}"
+            mult = (f"{value:.2f}" if relation == "=" else f"{relation} {value:.2f}") + repeated
         elif i == baseline_idx:
             mult = "1 (baseline)"
         else:
             value, reached = compute_multiplier(base_evals, s["final_val_bpb"], evals[-1][0])
-            mult = f"{value:.2f}" if reached else f"> {value:.2f}"
+            mult = (f"{value:.2f}" if reached else f"> {value:.2f}") + repeated
         rows.append(dict(run=name, total=f"{s['total'] / 1e6:.2f}M", active=f"{s['active_total'] / 1e6:.2f}M",
                          flops_per_token=f"{s['flops_per_token']:.3e}", tokens=f"{s['tokens']:,}",
-                         flops=f"{evals[-1][0]:.3e}", final=f"{s['final_val_bpb']:.4f}",
+                         flops=f"{evals[-1][0]:.3e}", epochs=format_epochs(s), final=f"{s['final_val_bpb']:.4f}",
                          at_common=f"{at_common:.4f}" if at_common is not None else "n/a",
                          tok_s=f"{s['tok_per_sec']:,.0f}", mfu=f"{mfu:.1f}%" if mfu is not None else "n/a",
                          memory=f"{s.get('peak_memory_mb', float('nan')):,.0f} MiB",
@@ -134,7 +156,7 @@ def build_rows(runs, baseline_idx, frontier_idx=()):
 
 
 COLUMNS = [("run", "run"), ("total", "params total"), ("active", "params active"), ("flops_per_token", "FLOPs/token"),
-           ("tokens", "tokens"), ("flops", "FLOPs"), ("final", "final val bpb"), ("at_common", "val bpb @ common FLOPs"),
+           ("tokens", "tokens"), ("flops", "FLOPs"), ("epochs", "epochs"), ("final", "final val bpb"), ("at_common", "val bpb @ common FLOPs"),
            ("tok_s", "tok/s"), ("mfu", "MFU"), ("memory", "peak mem"), ("floor", "entropy floor"),
            ("multiplier", "compute multiplier")]
 
@@ -147,7 +169,21 @@ def markdown_table(rows):
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 
-def plot(runs, common, path):
+def table_notes(rows, frontier_idx):
+    """The lines printed under the table: repeated data, and how the multiplier was read."""
+    notes = []
+    if any(r["multiplier"].endswith(REPEATED) for r in rows):
+        notes.append(f"{REPEATED} measured on repeated data (a run involved trained past one epoch, where more "
+                     f"compute can make a model worse): it reflects repetition, not compute efficiency. "
+                     f"Train on more data, under one epoch, for a compute-efficiency claim.")
+    if not frontier_idx and len(rows) > 1:
+        notes.append("Multipliers read on the baseline's own eval curve (no --frontier): its intermediate evals come "
+                     "before its learning-rate warmdown, which flatters the other runs. For a claim, train the "
+                     "baseline at a second budget and pass both as --frontier.")
+    return notes
+
+
+def plot(runs, common, path, frontier_idx=()):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -156,6 +192,10 @@ def plot(runs, common, path):
         pts = [(f, b) for f, b in evals if f > 0]
         label = f"{name} ({s['active_total'] / 1e6:.2f}M active / {s['total'] / 1e6:.2f}M)"
         ax.plot([f for f, _ in pts], [b for _, b in pts], marker="o", markersize=3, label=label)
+    if frontier_idx:
+        points = sorted((runs[i][2][-1][0], runs[i][3]["final_val_bpb"]) for i in frontier_idx)
+        ax.plot([f for f, _ in points], [b for _, b in points], color="black", linestyle="--", linewidth=1.5,
+                marker="s", markersize=6, label="dense frontier (final, annealed points)", zorder=5)
     floor = next((s.get("entropy_floor") for _, _, _, s, _ in runs if s.get("entropy_floor") is not None), None)
     if floor is not None:
         ax.axhline(floor, color="gray", linestyle="--", linewidth=1, label=f"entropy floor {floor:.4f}")
@@ -168,7 +208,9 @@ def plot(runs, common, path):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    lines = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in ax.get_lines()}
     plt.close(fig)
+    return lines  # label -> points drawn, for tests
 
 
 def main():
@@ -199,7 +241,8 @@ def main():
         frontier_idx.append(names.index(key))
     rows, common = build_rows(runs, baseline_idx, frontier_idx)
     table = markdown_table(rows)
-    print(table)
+    notes = table_notes(rows, frontier_idx)
+    print("\n".join([table] + notes))
     if frontier_idx:
         basis = f"the final points of {', '.join(names[i] for i in frontier_idx)} (--frontier)"
     else:
@@ -209,11 +252,11 @@ def main():
         md = os.path.join(args.out, "comparison.md")
         with open(md + ".tmp", "w") as f:
             f.write(f"# Comparison at equal training FLOPs\n\nBaseline for the compute multiplier: "
-                    f"{basis}. Common FLOPs: {common:.3e}.\n\n{table}\n")
+                    f"{basis}. Common FLOPs: {common:.3e}.\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes))
         os.replace(md + ".tmp", md)
         png = os.path.join(args.out, "comparison.png")
         try:
-            plot(runs, common, png)
+            plot(runs, common, png, frontier_idx)
             print(f"wrote {md}\nwrote {png}")
         except ImportError:
             print(f"wrote {md} (no plot: pip install matplotlib)")

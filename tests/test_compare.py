@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from scripts.compare import (bpb_at, flops_to_reach, compute_multiplier, frontier_multiplier, load_run, build_rows,
+                             plot, table_notes, REPEATED,
                              markdown_table)
 from nanochat.common import UserError
 
@@ -112,3 +113,44 @@ def test_frontier_reads_final_points_of_separate_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scripts.compare", "--runs", *(str(tmp_path / n) for n in ("d1", "d4", "moe")),
                         "--frontier", str(tmp_path / "d9")], capture_output=True, text=True)
     assert r.returncode != 0 and "--frontier" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_epochs_column_and_repeated_data_marks_the_multiplier(tmp_path):
+    def with_epochs(name, epochs):
+        path = tmp_path / name / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        records[-1]["epochs"] = epochs
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+    write_run(tmp_path / "d1", [(0, 3.0), (5e12, 1.9), (1e13, 1.6)], 1_000, 1_000, use_moe=False)
+    write_run(tmp_path / "d4", [(0, 3.0), (1e13, 1.7), (2e13, 1.55), (4e13, 1.4)], 1_000, 1_000, use_moe=False)
+    write_run(tmp_path / "moe", [(0, 3.0), (5e12, 1.8), (1e13, 1.5)], 2_000, 1_000, use_moe=True)
+    for name, epochs in (("d1", 0.25), ("d4", 1.0), ("moe", 0.25)):
+        with_epochs(name, epochs)
+    load = lambda: [load_run(str(tmp_path / n)) for n in ("d1", "d4", "moe")]
+    rows, _ = build_rows(load(), baseline_idx=0, frontier_idx=[0, 1])
+    assert [r["epochs"] for r in rows] == ["0.25", "1.00", "0.25"]
+    assert rows[2]["multiplier"] == "2.00"  # exactly one pass is not a repeat
+    assert table_notes(rows, [0, 1]) == []
+    with_epochs("d4", 1.3)  # the larger frontier run repeats: the MoE's multiplier is marked
+    rows, _ = build_rows(load(), baseline_idx=0, frontier_idx=[0, 1])
+    assert rows[2]["multiplier"] == "2.00" + REPEATED and "repeated data" in table_notes(rows, [0, 1])[0]
+    with_epochs("d4", 0.9)
+    with_epochs("moe", 2)  # an older run (completed passes only): 2 means it repeated
+    rows, _ = build_rows(load(), baseline_idx=0, frontier_idx=[0, 1])
+    assert rows[2]["epochs"] == "2+" and rows[2]["multiplier"].endswith(REPEATED)
+    # no frontier: the note says the single-curve multiplier flatters
+    rows, _ = build_rows(load(), baseline_idx=1)
+    assert any("--frontier" in n for n in table_notes(rows, []))
+
+
+def test_plot_draws_the_frontier_through_the_final_points(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "d1", [(0, 3.0), (5e12, 1.9), (1e13, 1.6)], 1_000, 1_000, use_moe=False)
+    write_run(tmp_path / "d4", [(0, 3.0), (1e13, 1.7), (2e13, 1.55), (4e13, 1.4)], 1_000, 1_000, use_moe=False)
+    write_run(tmp_path / "moe", [(0, 3.0), (5e12, 1.8), (1e13, 1.5)], 2_000, 1_000, use_moe=True)
+    runs = [load_run(str(tmp_path / n)) for n in ("d1", "d4", "moe")]
+    lines = plot(runs, 1e13, str(tmp_path / "p.png"), frontier_idx=[1, 0])
+    frontier = [v for k, v in lines.items() if k.startswith("dense frontier")]
+    assert frontier == [[(1e13, 1.6), (4e13, 1.4)]]
+    assert not any(k.startswith("dense frontier") for k in plot(runs, 1e13, str(tmp_path / "q.png")))

@@ -30,16 +30,21 @@ def dry_run(script, **env):
 
 def test_runcpu_dry_run_trains_dense_and_moe_at_the_same_flops():
     cmds = dry_run("runs/runcpu.sh", TARGET_FLOPS="3e12", DATA="my/texts")
-    dense, moe, compare = cmds
+    dense, moe, frontier, compare = cmds
     assert dense.startswith("python -m scripts.base_train") and "--use-moe" not in dense
     assert "--use-moe" in moe and "--expert-topk 2" in moe and "--expert-hidden-mult 2" in moe
     for cmd in (dense, moe):
         assert "--target-flops 3e12" in cmd and "--data my/texts" in cmd and "--device-type cpu" in cmd
+    # the frontier: the same dense model trained to 1.5x the FLOPs, read at its final point
+    assert frontier == dense.replace("--target-flops 3e12", "--target-flops 4.5e+12").replace("cpu_dense", "cpu_dense_1.5x")
+    assert compare.startswith("python -m scripts.compare --runs cpu_dense cpu_moe cpu_dense_1.5x "
+                              "--frontier cpu_dense cpu_dense_1.5x --out")
+    dense, moe, compare = dry_run("runs/runcpu.sh", FRONTIER="0")
     assert compare.startswith("python -m scripts.compare --runs cpu_dense cpu_moe --out")
 
 
 def test_runcpu_moe_flags_reach_only_the_moe_run():
-    dense, moe, _ = dry_run("runs/runcpu.sh", MOE_FLAGS="--router sigmoid --aux-free-bias 0.01 --balance-loss-coeff 0")
+    dense, moe, _, _ = dry_run("runs/runcpu.sh", MOE_FLAGS="--router sigmoid --aux-free-bias 0.01 --balance-loss-coeff 0")
     assert "--router" not in dense
     assert moe.endswith("--router sigmoid --aux-free-bias 0.01 --balance-loss-coeff 0 --model-tag cpu_moe")
 
