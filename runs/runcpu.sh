@@ -36,6 +36,7 @@ if [ -z "${DRY_RUN:-}" ]; then
     # shellcheck source=runs/setup_env.sh
     source runs/setup_env.sh
 fi
+PY="${PYTHON:-python}"
 
 COMMON=(--data "$DATA" --vocab-size "$VOCAB" --depth "$DEPTH" --n-embd "$WIDTH" --head-dim 64
         --max-seq-len "$SEQ_LEN" --device-batch-size 16 --total-batch-size $((16 * SEQ_LEN * 2))
@@ -45,19 +46,19 @@ if [ "$DATA" = "synthetic" ]; then
     # 30k documents (~3.3M tokens): even the 1.5x dense run stays under one epoch
     COMMON+=(--synthetic-train-docs "${SYNTHETIC_DOCS:-30000}")
 fi
-run python -m scripts.base_train "${COMMON[@]}" --target-flops "$TARGET_FLOPS" --model-tag "${TAG}_dense"
-run python -m scripts.base_train "${COMMON[@]}" --target-flops "$TARGET_FLOPS" --use-moe --n-experts "$N_EXPERTS" \
+run "$PY" -m scripts.base_train "${COMMON[@]}" --target-flops "$TARGET_FLOPS" --model-tag "${TAG}_dense"
+run "$PY" -m scripts.base_train "${COMMON[@]}" --target-flops "$TARGET_FLOPS" --use-moe --n-experts "$N_EXPERTS" \
     --expert-topk "$TOPK" --expert-hidden-mult "$EXPERT_MULT" ${MOE_EXTRA[@]+"${MOE_EXTRA[@]}"} --model-tag "${TAG}_moe"
 RUNS=("${TAG}_dense" "${TAG}_moe")
 if [ "${FRONTIER:-1}" != "0" ]; then
     # A second dense run trained (and annealed) to 1.5x the budget: the multiplier is read
     # between the two dense runs' final points, not on one curve's pre-warmdown evals.
     FRONTIER_FLOPS=$(awk -v f="$TARGET_FLOPS" 'BEGIN { printf "%.4g", 1.5 * f }')
-    run python -m scripts.base_train "${COMMON[@]}" --target-flops "$FRONTIER_FLOPS" --model-tag "${TAG}_dense_1.5x"
+    run "$PY" -m scripts.base_train "${COMMON[@]}" --target-flops "$FRONTIER_FLOPS" --model-tag "${TAG}_dense_1.5x"
     RUNS+=("${TAG}_dense_1.5x" --frontier "${TAG}_dense" "${TAG}_dense_1.5x")
 fi
 OUT="${OUT:-${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/comparisons/${TAG}}"
-run python -m scripts.compare --runs "${RUNS[@]}" --out "$OUT"
+run "$PY" -m scripts.compare --runs "${RUNS[@]}" --out "$OUT"
 if [ -z "${DRY_RUN:-}" ] && [ -f "$OUT/comparison.png" ]; then
     echo "plot: $OUT/comparison.png"
 fi

@@ -259,7 +259,7 @@ def main():
             plot(runs, common, png, frontier_idx)
             print(f"wrote {md}\nwrote {png}")
         except ImportError:
-            print(f"wrote {md} (no plot: pip install matplotlib)")
+            print(f"wrote {md}; no plot: matplotlib is missing (the set-up installs it: pip install -e .)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Writes into the run folder (or --out):
     moe_load_heatmap.png   load of every (layer, expert) over training, relative to a balanced
                            load (1.0 = its fair share; 0 = dead expert)
     moe_routing_final.png  the last interval's load per expert, one bar chart per layer
-Needs matplotlib (optional dependency: pip install matplotlib).
+Draws with matplotlib (a dependency of the project).
 """
 
 import json
@@ -41,7 +41,7 @@ def main():
         import matplotlib.pyplot as plt
         import numpy as np
     except ImportError:
-        raise UserError("moe_stats needs matplotlib: pip install matplotlib")
+        raise UserError("moe_stats needs matplotlib, which the set-up installs: pip install -e .")
     out_dir = args.out or run_dir
     os.makedirs(out_dir, exist_ok=True)
 

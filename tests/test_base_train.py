@@ -153,8 +153,10 @@ def test_tiny_model_learns_and_metrics_are_consistent(base_dir, kind):
     assert losses[-1] < losses[0] - 1.0, losses
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
     if kind == "moe":
-        # the router starts at zero: uniform probabilities give a Switch loss of exactly 1
-        assert abs(trains[0]["balance_loss"] - 1.0) < 1e-6
+        # the router starts small and random: near-uniform probabilities give a Switch loss
+        # near 1; the logged value is the per-layer mean (the training loss adds the layers'
+        # sum), so it stays in the single-layer range whatever the depth
+        assert abs(trains[0]["balance_loss"] - 1.0) < 0.05, trains[0]["balance_loss"]
         assert all(0.9 < r["balance_loss"] < 2.0 for r in trains), [r["balance_loss"] for r in trains]
     # LR schedule (default warmdown 0.2): constant, then linear to 0 over the last 6 steps
     expected_lrm = [1.0 if s <= steps - 6 else (steps - s) / 6 for s in range(steps)]

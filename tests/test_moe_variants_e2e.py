@@ -44,9 +44,10 @@ def test_variant_trains_and_logs_routing_stats(base_dir, variant):
     losses = [r["train_loss"] for r in trains]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 0.5, losses
-    # step 1 runs with the zero-initialised routers: z = (ln 4)^2, balance = 1, for every variant
-    assert trains[0]["z_loss"] == pytest.approx(math.log(4) ** 2, rel=1e-5)
-    assert trains[0]["balance_loss"] == pytest.approx(1.0, abs=1e-5)
+    # step 1 runs with small random routers (logit std 0.1): per layer, z near (ln 4)^2 and a
+    # balance loss near 1 (the logged values are per-layer means), for every variant
+    assert trains[0]["z_loss"] == pytest.approx(math.log(4) ** 2, abs=0.15)
+    assert trains[0]["balance_loss"] == pytest.approx(1.0, abs=0.1)
     assert all(r["z_loss"] > 0 for r in trains)
 
     assert [r["step"] for r in moes] == [4, 8, 12]
@@ -62,8 +63,7 @@ def test_variant_trains_and_logs_routing_stats(base_dir, variant):
             else:
                 assert s["dropped"] == 0.0
     if variant == "capacity":
-        # tied zero-initialised routers send every token of step 1 to the same two experts:
-        # capacity (= the balanced share) drops half of them
+        # capacity = the balanced share: any imbalance of the early routing drops assignments
         assert max(s["dropped"] for s in moes[0]["layers"]) > 0
     # the biases moved (sigmoid_bias) or stayed zero (the others), and are mean-zero
     w = load_file(str(base_dir / "runs" / tag / "checkpoints" / f"step_{steps:06d}" / "model.safetensors"))
