@@ -279,22 +279,29 @@ def build_model(config, device):
     return model
 
 
+def format_count(n):
+    """2887680 -> '2,887,680 (2.89M)': exact, and readable at a glance."""
+    return f"{n:,} ({n / 1e6:.2f}M)" if n >= 1e6 else f"{n:,} ({n / 1e3:.1f}K)"
+
+
 def describe_params(model):
-    """The startup block: total / active / inactive params and the MoE and dense layer counts."""
+    """The start-up parameter report (every script that reports a model prints this): total,
+    active per token, inactive, sparsity and efficiency, the MoE/dense layers and FLOPs."""
     cfg = model.config
     c = model.num_scaling_params()
     n_moe = model.num_moe_layers()
-    lines = [f"Total Parameters: {c['total'] / 1e6:.2f} M"]
+    lines = [f"Total Parameters: {format_count(c['total'])}"]
     if n_moe:
         idle = (cfg.n_experts - cfg.expert_topk) * n_moe
         lines += [
-            f"Active Params/tok: {c['active_total'] / 1e6:.2f} M (top-{cfg.expert_topk} of {cfg.n_experts} experts"
-            + (f" + {cfg.n_shared_experts} shared" if cfg.n_shared_experts else "") + ")",
-            f"Inactive Params: {c['moe_inactive'] / 1e6:.2f} M ({idle} experts idle)",
+            f"Active Params/tok: {format_count(c['active_total'])}, top-{cfg.expert_topk} of {cfg.n_experts} experts"
+            + (f" + {cfg.n_shared_experts} shared" if cfg.n_shared_experts else ""),
+            f"Inactive Params: {format_count(c['moe_inactive'])}, {idle} experts idle per token",
+            f"Sparsity: {100 * c['moe_inactive'] / c['total']:.1f}% (inactive per forward pass)",
             f"Efficiency: {100 * c['active_total'] / c['total']:.1f}% active per forward pass",
         ]
     else:
-        lines.append("Active Params/tok: Active = Total (Dense model)")
+        lines.append(f"Active Params/tok: {format_count(c['active_total'])} (dense model: every parameter)")
     lines.append(f"Layers: {n_moe} MoE + {cfg.n_layer - n_moe} dense (of {cfg.n_layer})")
     lines.append(f"FLOPs/token (train, active): {model.estimate_flops():.4e}")
     return "\n".join(lines)

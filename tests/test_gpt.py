@@ -43,7 +43,25 @@ def test_dense_path_has_no_moe():
     assert all(isinstance(b.mlp, MLP) and not b.is_moe for b in model.transformer.h)
     loss, aux = model(torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16)))
     assert aux["balance_loss"].item() == 0.0 and aux["z_loss"].item() == 0.0
-    assert "Active = Total (Dense model)" in describe_params(model)
+    # 2 layers x (4 x 64^2 attention + 8 x 64^2 MLP) + 2 x 512 x 64 embedding/head = 163,840
+    assert "Active Params/tok: 163,840 (163.8K) (dense model: every parameter)" in describe_params(model)
+
+
+def test_report_of_the_quickstart_moe_has_exact_counts_and_sparsity():
+    model = build_model(GPTConfig(sequence_len=256, vocab_size=2048, n_layer=4, n_head=2, n_kv_head=2, n_embd=128,
+                                  use_moe=True, n_experts=8, expert_topk=2, expert_hidden_mult=2), "cpu")
+    # per layer: attention 4 x 128^2 = 65,536; 8 experts x 2 x 128 x 256 = 524,288; router 8 x 128 = 1,024;
+    # plus embedding and head 2 x 2048 x 128 = 524,288. Inactive: 6 of 8 experts x 4 layers = 1,572,864
+    total = 4 * (65_536 + 524_288 + 1_024) + 524_288
+    active = total - 1_572_864
+    assert (total, active) == (2_887_680, 1_314_816)
+    report = describe_params(model).splitlines()
+    assert report[:5] == ["Total Parameters: 2,887,680 (2.89M)",
+                          "Active Params/tok: 1,314,816 (1.31M), top-2 of 8 experts",
+                          "Inactive Params: 1,572,864 (1.57M), 24 experts idle per token",
+                          f"Sparsity: {100 * 1_572_864 / total:.1f}% (inactive per forward pass)",
+                          f"Efficiency: {100 * active / total:.1f}% active per forward pass"]
+    assert report[3] == "Sparsity: 54.5% (inactive per forward pass)"
 
 
 def test_moe_freq_selects_layers():
@@ -81,7 +99,7 @@ def test_accounting_moe_hand_count():
     # 6 * (246784 - 32768) + 12 * 4 * 4 * 16 * 32
     assert model.estimate_flops() == 1382400
     text = describe_params(model)
-    assert "top-2 of 8 experts" in text and "(12 experts idle)" in text
+    assert "top-2 of 8 experts" in text and "12 experts idle per token" in text
     assert "2 MoE + 2 dense" in text
 
 
