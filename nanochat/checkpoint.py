@@ -25,26 +25,11 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import save_file, load_file
 
-from nanochat.common import UserError, print0
+from nanochat.common import UserError, print0, get_base_dir, run_dir, atomic_write, atomic_write_json
 
 
 def _step_dir(ckpt_dir, step):
     return os.path.join(ckpt_dir, f"step_{step:06d}")
-
-
-def _atomic_write(path, write_fn):
-    tmp = path + ".tmp"
-    write_fn(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    _atomic_write(path, write)
 
 
 def rng_state():
@@ -79,14 +64,14 @@ def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, 
     os.makedirs(d, exist_ok=True)
     if rank == 0:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        _atomic_write(os.path.join(d, "model.safetensors"), lambda tmp: save_file(state, tmp))
-        _atomic_write(os.path.join(d, "optim.pt"), lambda tmp: torch.save([o.state_dict() for o in optimizers], tmp))
-    _write_json(os.path.join(d, f"loader_rank{rank}.json"), loader_state)
-    _write_json(os.path.join(d, f"rng_rank{rank}.json"), rng_state())
+        atomic_write(os.path.join(d, "model.safetensors"), lambda tmp: save_file(state, tmp))
+        atomic_write(os.path.join(d, "optim.pt"), lambda tmp: torch.save([o.state_dict() for o in optimizers], tmp))
+    atomic_write_json(os.path.join(d, f"loader_rank{rank}.json"), loader_state)
+    atomic_write_json(os.path.join(d, f"rng_rank{rank}.json"), rng_state())
     if ddp:
         dist.barrier()  # every rank's files are in place before the checkpoint is declared complete
     if rank == 0:
-        _write_json(os.path.join(d, "meta.json"), meta)
+        atomic_write_json(os.path.join(d, "meta.json"), meta)
         print0(f"Saved checkpoint {d}")
         if keep > 0:
             for old in complete_steps(ckpt_dir)[:-keep]:
@@ -158,11 +143,9 @@ def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device):
 def resolve_checkpoint(source, step=None):
     """The checkpoint folder for `source` (a model tag under $NANOCHAT_BASE_DIR/runs, a run
     folder, or a checkpoint folder) and `step` (a number, 'best', or None/'latest')."""
-    from nanochat.common import get_base_dir
     if os.path.exists(os.path.join(source, "meta.json")):
         return source
-    run_dir = source if os.path.isdir(source) else os.path.join(get_base_dir(), "runs", source)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    ckpt_dir = os.path.join(run_dir(source), "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise UserError(f"{source}: no checkpoints folder at {ckpt_dir} (is it a model tag or a run folder?)")
     if step in (None, "", "latest"):
@@ -190,12 +173,11 @@ def load_model(ckpt_path, device):
 def checkpoint_for(flag, source, step, is_tag):
     """The checkpoint folder a user named with `flag` (a model tag, or a run/checkpoint folder),
     with one-line errors naming the flag."""
-    from nanochat.common import get_base_dir
     if is_tag:
-        run_dir = os.path.join(get_base_dir(), "runs", source)
-        if not os.path.isdir(run_dir):
-            raise UserError(f"{flag} {source}: no run folder at {run_dir}")
-        return resolve_checkpoint(run_dir, step)
+        folder = os.path.join(get_base_dir(), "runs", source)
+        if not os.path.isdir(folder):
+            raise UserError(f"{flag} {source}: no run folder at {folder}")
+        return resolve_checkpoint(folder, step)
     if not os.path.exists(source):
         raise UserError(f"{flag} {source}: no such folder")
     return resolve_checkpoint(source, step)

@@ -1,9 +1,11 @@
 """
-Small shared utilities: user-facing errors, printing on rank 0, the base directory,
-device autodetection, torchrun (distributed) setup, a no-op wandb, and peak FLOPs for MFU.
+Small shared utilities: user-facing errors, printing on rank 0, the base directory and run
+folders, atomic writes, device autodetection, torchrun (distributed) setup, a no-op wandb, and
+peak FLOPs for MFU.
 """
 
 import argparse
+import json
 import os
 import sys
 import subprocess
@@ -59,6 +61,52 @@ def get_base_dir():
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     os.makedirs(base, exist_ok=True)
     return base
+
+
+def run_dir(run):
+    """A run's folder: `run` itself when it is a folder, else $NANOCHAT_BASE_DIR/runs/<run>."""
+    return run if os.path.isdir(run) else os.path.join(get_base_dir(), "runs", run)
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl, one dict per line; a bad line is a UserError naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f"no metrics.jsonl at {path}")
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}:{n}: not valid JSON")
+    return records
+
+
+def atomic_write(path, write):
+    """Write a file so that a crash never leaves a half-written one under its real name:
+    write(tmp_path) writes path.tmp, which is fsynced (else after a power loss the new name can
+    point at an empty file) and renamed over path."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def git_commit():

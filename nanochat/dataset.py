@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, get_base_dir, atomic_write, atomic_write_json
 
 # Karpathy's reshuffled FineWeb-Edu 100B: shards 0..1822, ~250M characters each.
 DEFAULT_FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -103,28 +103,11 @@ def read_entropy_floor(data_dir):
 # -----------------------------------------------------------------------------
 # Writing shards
 
-def _fsync_replace(tmp, path):
-    # fsync before rename: otherwise after a crash the new name can point at an empty file.
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard(docs, path, row_group_size=1024):
     """Write one shard atomically: to path.tmp first, then rename over path."""
     # An explicit string type: an empty list would otherwise become a `null` column.
     table = pa.table({"text": pa.array(docs, type=pa.string())})
-    tmp = path + ".tmp"
-    pq.write_table(table, tmp, row_group_size=row_group_size)
-    _fsync_replace(tmp, path)
-
-
-def _write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    _fsync_replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size))
 
 
 # -----------------------------------------------------------------------------
@@ -133,8 +116,7 @@ def _write_json(obj, path):
 def _fetch_once(url, path, timeout):
     """One attempt: stream url into path.tmp, check it is whole, rename it to path.
     Raises on any failure; never leaves path.tmp behind."""
-    tmp = path + ".tmp"
-    try:
+    def download(tmp):
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
             expected = resp.headers.get("Content-Length")
             n = 0
@@ -148,10 +130,7 @@ def _fetch_once(url, path, timeout):
         # A parquet file ends with its footer, so a cut or garbled body fails to open here.
         with pq.ParquetFile(tmp):
             pass
-        _fsync_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, download)
 
 
 def _download_one(url, path, max_retries, timeout, backoff):
@@ -353,7 +332,7 @@ def build_shards(inputs, dest_dir, *, val_fraction=0.05, docs_per_shard=8192, te
     flush()  # the validation shard
     bar.close()
 
-    _write_json({
+    atomic_write_json(os.path.join(dest_dir, "build_info.json"), {
         "inputs": [os.path.abspath(p) for p in inputs],
         "files": [os.path.abspath(p) for p in files],
         "n_docs": n_docs,
@@ -365,5 +344,5 @@ def build_shards(inputs, dest_dir, *, val_fraction=0.05, docs_per_shard=8192, te
         "docs_per_shard": docs_per_shard,
         "text_field": text_field,
         "separator": separator,
-    }, os.path.join(dest_dir, "build_info.json"))
+    })
     return list_shards(dest_dir)

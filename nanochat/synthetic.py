@@ -46,7 +46,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from nanochat.common import UserError
+from nanochat.common import UserError, atomic_write_json
 from nanochat.dataset import shard_name, write_shard
 
 FORMAT_VERSION = 1  # bump when the generator changes, so cached corpora are regenerated
@@ -274,10 +274,5 @@ def prepare_synthetic(data_dir, *, num_train_docs=20000, num_val_docs=1000, docs
     info = {**params, "val_bits_per_byte": val_bits / val_bytes, "analytic_bits_per_byte": stats["bits_per_byte"],
             "val_bits": val_bits, "val_bytes": val_bytes,
             "analytic_words_per_doc": stats["words_per_doc"], "analytic_bytes_per_doc": stats["bytes_per_doc"]}
-    tmp = info_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, info_path)
+    atomic_write_json(info_path, info)
     return info

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import tiktoken
 from tqdm import tqdm
 
-from nanochat.common import UserError, print0, get_base_dir
+from nanochat.common import UserError, print0, get_base_dir, atomic_write, atomic_write_text, atomic_write_json
 from nanochat.dataset import list_shards, read_documents
 
 # GPT-4 style split pattern, as in nanochat: \p{N}{1,2} rather than GPT-4's \p{N}{1,3}, so that
@@ -48,15 +48,6 @@ TOKEN_BYTES_FILE = "token_bytes.npy"
 def get_tokenizer_dir(data_name):
     """Where the tokenizer for the dataset called data_name lives (one tokenizer per dataset)."""
     return os.path.join(get_base_dir(), "tokenizers", data_name)
-
-
-def _write_atomic(path, write_fn, binary=False):
-    """Write via path.tmp then rename, so a crash never leaves a half-written file behind
-    that a later load would trust."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
-        write_fn(f)
-    os.replace(tmp, path)
 
 
 class Tokenizer:
@@ -106,13 +97,16 @@ class Tokenizer:
             "special_tokens": self.special_tokens,
             "vocab_size": self.get_vocab_size(),
         }
-        _write_atomic(os.path.join(tokenizer_dir, CONFIG_FILE), lambda f: json.dump(config, f, indent=2))
+        atomic_write_json(os.path.join(tokenizer_dir, CONFIG_FILE), config)
         ranks_text = "".join(f"{base64.b64encode(tok).decode('ascii')} {rank}\n"
                              for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]))
-        _write_atomic(os.path.join(tokenizer_dir, RANKS_FILE), lambda f: f.write(ranks_text))
-        # np.save to an open file (not a path) so it does not append its own ".npy" to the .tmp name
-        _write_atomic(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE),
-                      lambda f: np.save(f, self.token_bytes(), allow_pickle=False), binary=True)
+        atomic_write_text(os.path.join(tokenizer_dir, RANKS_FILE), ranks_text)
+
+        def write_token_bytes(tmp):
+            # np.save to an open file (not a path) so it does not append ".npy" to the .tmp name
+            with open(tmp, "wb") as f:
+                np.save(f, self.token_bytes(), allow_pickle=False)
+        atomic_write(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), write_token_bytes)
 
     @classmethod
     def load(cls, tokenizer_dir):

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (UserError, require, ArgumentParser, run_main, print0, get_base_dir, git_commit, check_device_type,
-                             get_dist_info, compute_init, compute_cleanup, DummyWandb, get_peak_flops, keep_freed_memory)
+                             get_dist_info, compute_init, compute_cleanup, DummyWandb, get_peak_flops, keep_freed_memory,
+                             atomic_write_text, atomic_write_json)
 
 DATA_SOURCES = ("synthetic", "fineweb")
 
@@ -237,9 +238,7 @@ class MetricsLog:
                 records = [json.loads(line) for line in f if line.strip()]
             keep = [r for r in records if r.get("type") == "header" or r.get("step", 0) < resume_step
                     or (r.get("type") in ("train", "moe") and r.get("step") == resume_step)]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
-            os.replace(path + ".tmp", path)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
         self.f = open(path, "a" if resume_step else "w")
 
     def write(self, record):
@@ -355,9 +354,7 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), master, resume_step=start_step)
     if master:
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json.tmp"), "w") as f:
-            json.dump(header, f, indent=2)
-        os.replace(os.path.join(run_dir, "config.json.tmp"), os.path.join(run_dir, "config.json"))
+        atomic_write_json(os.path.join(run_dir, "config.json"), header)
         print0(f"Run folder: {run_dir}")
     if start_step == 0:
         metrics.write(header)

@@ -26,28 +26,19 @@ on repeated data more compute can make a model *worse* (memorisation), so the nu
 measures how the models cope with repetition, not how efficiently they use compute.
 """
 
-import json
 import math
 import os
 
-from nanochat.common import UserError, ArgumentParser, run_main, get_base_dir
+from nanochat.common import UserError, ArgumentParser, run_main, run_dir, read_metrics, atomic_write_text
 
 
 def load_run(run):
     """(name, header, evals [(flops, val_bpb)], summary, mean MFU or None) of a finished run."""
-    run_dir = run if os.path.isdir(run) else os.path.join(get_base_dir(), "runs", run)
-    path = os.path.join(run_dir, "metrics.jsonl")
+    folder = run_dir(run)
+    path = os.path.join(folder, "metrics.jsonl")
     if not os.path.isfile(path):
         raise UserError(f"--runs {run}: no metrics.jsonl at {path}")
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{n}: not valid JSON")
+    records = read_metrics(path)
     header = next((r for r in records if r.get("type") == "header"), None)
     summary = next((r for r in reversed(records) if r.get("type") == "summary"), None)
     if header is None or summary is None:
@@ -55,7 +46,7 @@ def load_run(run):
     evals = sorted((r["flops"], r["val_bpb"]) for r in records if r.get("type") == "eval")
     mfus = [r["mfu"] for r in records if r.get("type") == "train" and r.get("mfu") is not None]
     mfu = sum(mfus) / len(mfus) if mfus else None
-    return os.path.basename(os.path.normpath(run_dir)), header, evals, summary, mfu
+    return os.path.basename(os.path.normpath(folder)), header, evals, summary, mfu
 
 
 def _fraction(f0, f1, f):
@@ -250,10 +241,8 @@ def main():
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         md = os.path.join(args.out, "comparison.md")
-        with open(md + ".tmp", "w") as f:
-            f.write(f"# Comparison at equal training FLOPs\n\nBaseline for the compute multiplier: "
-                    f"{basis}. Common FLOPs: {common:.3e}.\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes))
-        os.replace(md + ".tmp", md)
+        atomic_write_text(md, f"# Comparison at equal training FLOPs\n\nBaseline for the compute multiplier: "
+                              f"{basis}. Common FLOPs: {common:.3e}.\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes))
         png = os.path.join(args.out, "comparison.png")
         try:
             plot(runs, common, png, frontier_idx)

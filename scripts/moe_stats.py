@@ -10,23 +10,20 @@ Writes into the run folder (or --out):
 Draws with matplotlib (a dependency of the project).
 """
 
-import json
 import os
 
-from nanochat.common import UserError, ArgumentParser, run_main, get_base_dir
+from nanochat.common import UserError, ArgumentParser, run_main, run_dir, read_metrics
 
 
 def read_moe_records(run):
-    run_dir = run if os.path.isdir(run) else os.path.join(get_base_dir(), "runs", run)
-    path = os.path.join(run_dir, "metrics.jsonl")
+    folder = run_dir(run)
+    path = os.path.join(folder, "metrics.jsonl")
     if not os.path.isfile(path):
         raise UserError(f"--run {run}: no metrics.jsonl at {path}")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    moe = [r for r in records if r.get("type") == "moe"]
+    moe = [r for r in read_metrics(path) if r.get("type") == "moe"]
     if not moe:
         raise UserError(f"--run {run}: {path} has no MoE routing records (dense run, or trained without --use-moe?)")
-    return run_dir, moe
+    return folder, moe
 
 
 def main():

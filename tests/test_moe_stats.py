@@ -102,3 +102,13 @@ def test_missing_run_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in p.stderr
     p = run_stats(tmp_path)  # --run is required
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--run" in p.stderr
+
+
+def test_corrupt_metrics_line_is_one_line_exit_2(tmp_path):
+    write_run(tmp_path / "moe", with_moe=True)
+    with open(tmp_path / "moe" / "metrics.jsonl", "a") as f:
+        f.write('{"type": "moe", "step": \n')  # a line cut by a crash
+    p = run_stats(tmp_path, "--run", str(tmp_path / "moe"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "metrics.jsonl:" in lines[0] and "not valid JSON" in lines[0]
