@@ -1,10 +1,10 @@
 """
 FP8 training for linear layers via torchao's float8 conversion.
 
-Dense linears are converted through `fp8_module_filter` (torchao Float8Linear). Skipped there:
-- expert weights: stacked (E, out, in) parameters, not nn.Linear. They run through torchao's
-  FP8 rowwise *grouped* GEMM instead (`expert_mlp_fp8`), which needs every expert's group of
-  rows to be a multiple of 16: `pad_token_groups` places each group at a 16-aligned start in a
+Dense linears are converted through `fp8_module_filter` (torchao Float8Linear). Not converted:
+- expert weights: stacked (E, out, in) parameters, not nn.Linear modules, so the filter never
+  sees them. convert_to_fp8 sets each MoE's `expert_mlp` seam to `expert_mlp_fp8`: torchao's
+  FP8 rowwise *grouped* GEMM, which needs every expert's group of rows to be a multiple of 16: `pad_token_groups` places each group at a 16-aligned start in a
   buffer of fixed size N*k + 16*E (static shape for torch.compile). An expert with no tokens
   gets 16 zero rows rather than an empty group, so its scales and weight gradient (zeros) are
   computed like any other's: the failure of earlier FP8 MoE code on idle experts cannot occur;
@@ -24,8 +24,7 @@ def fp8_module_filter(module, fqn):
     """True when the module at dotted name `fqn` should be converted to float8 training."""
     if not isinstance(module, nn.Linear):
         return False
-    parts = fqn.split(".")
-    if "router" in parts or "experts" in parts or any(p.startswith("w_fc") or p.startswith("w_proj") for p in parts):
+    if "router" in fqn.split("."):
         return False
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
@@ -53,9 +52,10 @@ def convert_to_fp8(model):
     convert_to_float8_training(model, module_filter_fn=fp8_module_filter)
     experts = []
     for name, mod in model.named_modules():
-        # the capacity-factor path runs its experts as padded bmm (bf16), not the grouped GEMM
+        # the dropless path only: with a capacity factor, training runs its experts as a padded
+        # bmm (bf16), and evaluation's dropless path then stays bf16 as well
         if isinstance(mod, MoE) and mod.capacity_factor == 0 and mod.w_fc.size(1) % 16 == 0 and mod.w_fc.size(2) % 16 == 0:
-            mod.fp8_experts = True
+            mod.expert_mlp = expert_mlp_fp8
             experts.append(name)
     return candidates, experts
 

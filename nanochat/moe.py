@@ -194,12 +194,9 @@ def _compute_dtype(x):
     return x.dtype
 
 
-def expert_mlp(x_sorted, w_fc, w_proj, offsets, fp8=False):
+def expert_mlp(x_sorted, w_fc, w_proj, offsets):
     """The experts, all at once: relu(x W_fc^T)^2 W_proj^T per expert group (same form as the
-    dense MLP), over rows sorted by expert. fp8: torchao's FP8 grouped GEMM (nanochat/fp8.py)."""
-    if fp8:
-        from nanochat.fp8 import expert_mlp_fp8
-        return expert_mlp_fp8(x_sorted, w_fc, w_proj, offsets)
+    dense MLP), over rows sorted by expert."""
     dtype = _compute_dtype(x_sorted)
     h = grouped_linear(x_sorted.to(dtype), w_fc.to(dtype), offsets)
     h = F.relu(h).square()
@@ -257,7 +254,10 @@ class MoE(nn.Module):
         # each optimizer step (update_expert_bias), saved with the weights (persistent buffer).
         self.register_buffer("expert_bias", torch.zeros(config.n_experts), persistent=True)
         self.use_bias = config.aux_free_bias > 0
-        self.fp8_experts = False  # set by nanochat.fp8.convert_to_fp8 (--fp8 on a capable GPU)
+        # The dropless experts' computation, (x_sorted, w_fc, w_proj, offsets) -> y_sorted: a seam
+        # that another implementation can take over (nanochat.fp8.convert_to_fp8 puts the FP8
+        # grouped GEMM here), so this module needs to know nothing about it.
+        self.expert_mlp = expert_mlp
         # Training-time accumulators, read and reset by the trainer (no host sync in forward):
         # assignments per expert since the last optimizer step (always kept: the optimizer
         # must know which experts got no token, and the aux-free bias reads it too), and stats
@@ -313,7 +313,7 @@ class MoE(nn.Module):
             y_sorted = y_slots[slots]
             n_dropped = (~kept).sum()
         else:
-            y_sorted = expert_mlp(x_sorted, self.w_fc, self.w_proj, offsets, self.fp8_experts)
+            y_sorted = self.expert_mlp(x_sorted, self.w_fc, self.w_proj, offsets)
             n_dropped = torch.zeros((), device=x.device)
         out = combine(y_sorted, order, inverse, weights)
         if self.n_shared:
