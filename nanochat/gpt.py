@@ -184,18 +184,15 @@ class GPT(nn.Module):
         """Parameter counts (contract): total, moe_inactive (the experts a token does not use:
         per MoE layer (n_experts - expert_topk) x one routed expert) and active_total, plus
         parts. Shared experts run for every token: they are active, never inactive."""
-        cfg = self.config
         counts = {"wte": self.transformer.wte.weight.numel(), "lm_head": self.lm_head.weight.numel(),
                   "attn": 0, "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "moe_inactive": 0}
         for block in self.transformer.h:
             counts["attn"] += sum(p.numel() for p in block.attn.parameters())
             if block.is_moe:
-                expert_params = block.mlp.w_fc.numel() + block.mlp.w_proj.numel()
-                counts["experts"] += expert_params
-                counts["router"] += block.mlp.router.weight.numel()
-                if block.mlp.n_shared:
-                    counts["shared_experts"] += block.mlp.shared_fc.weight.numel() + block.mlp.shared_proj.weight.numel()
-                counts["moe_inactive"] += (cfg.n_experts - cfg.expert_topk) * expert_params // cfg.n_experts
+                moe = block.mlp.param_counts()
+                for key in ("experts", "shared_experts", "router"):
+                    counts[key] += moe[key]
+                counts["moe_inactive"] += moe["inactive"]
             else:
                 counts["mlp"] += sum(p.numel() for p in block.mlp.parameters())
         counts["total"] = sum(p.numel() for p in self.parameters())
@@ -250,24 +247,6 @@ class GPT(nn.Module):
         aux = {name: torch.stack([m[name] for m in moe_losses]).sum() if moe_losses else logits.new_zeros(())
                for name in ("balance_loss", "z_loss")}
         return loss, aux
-
-    @torch.no_grad()
-    def generate(self, tokens, max_tokens, temperature=0.0, seed=42):
-        """Plain sampling without a KV cache (each step re-runs the whole context): for the
-        few greedy samples printed during training. Yields one token id at a time."""
-        device = self.lm_head.weight.device
-        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        for _ in range(max_tokens):
-            context = ids[:, -self.config.sequence_len:]
-            logits = self.forward(context)[:, -1, :]
-            if temperature > 0:
-                probs = F.softmax(logits / temperature, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=rng)
-            else:
-                next_id = torch.argmax(logits, dim=-1, keepdim=True)
-            ids = torch.cat((ids, next_id), dim=1)
-            yield next_id.item()
 
 
 def build_model(config, device):

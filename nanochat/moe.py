@@ -289,6 +289,14 @@ class MoE(nn.Module):
         for buf in (self.expert_bias, self.load_since_step, self.stats):
             buf.zero_()
 
+    def param_counts(self):
+        """{experts, shared_experts, router, inactive}: inactive = the routed experts a token
+        does not use, (n_experts - topk) of them. Shared experts run for every token."""
+        experts = self.w_fc.numel() + self.w_proj.numel()
+        shared = self.shared_fc.weight.numel() + self.shared_proj.weight.numel() if self.n_shared else 0
+        return dict(experts=experts, shared_experts=shared, router=self.router.weight.numel(),
+                    inactive=(self.n_experts - self.topk) * experts // self.n_experts)
+
     def forward(self, x):
         B, T, d = x.shape
         x_flat = x.reshape(B * T, d)
@@ -411,6 +419,27 @@ def collect_moe_stats(model, world_size=1):
             z_loss=extra["z_loss"] / forwards,
         ))
     return out
+
+
+def format_moe_stats(step, layers):
+    """One step-log line summarising collect_moe_stats over the layers."""
+    n = len(layers)
+    return (f"  moe   | step {step:05d} | load cv {sum(s['cv'] for s in layers) / n:.3f} "
+            f"| max/min load {max(s['max_load'] for s in layers):.2f}/{min(s['min_load'] for s in layers):.2f} "
+            f"| dead {sum(s['dead'] for s in layers)} | entropy {sum(s['entropy'] for s in layers) / n:.3f} "
+            f"| dropped {sum(s['dropped'] for s in layers) / n:.4f} | z {sum(s['z_loss'] for s in layers) / n:.3f}")
+
+
+def newly_dead_experts(streaks, layers, intervals=3):
+    """Count, per (layer, expert), the consecutive stats intervals without a single token
+    (`streaks` is updated in place); return the experts that just reached `intervals`."""
+    dead = []
+    for i, s in enumerate(layers):
+        for e, share in enumerate(s["load"]):
+            streaks[i, e] = streaks.get((i, e), 0) + 1 if share == 0 else 0
+            if streaks[i, e] == intervals:
+                dead.append((i, e))
+    return dead
 
 
 def naive_moe_forward(x, gate_weight, w_fc, w_proj, topk):

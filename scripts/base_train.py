@@ -11,48 +11,31 @@ Everything a run writes goes to $NANOCHAT_BASE_DIR/runs/<model-tag>/ (metrics.js
 config.json, checkpoints/).
 """
 
-import json
 import math
 import os
-import resource
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from nanochat.common import (UserError, require, ArgumentParser, run_main, print0, get_base_dir, git_commit, check_device_type,
                              get_dist_info, compute_init, compute_cleanup, DummyWandb, get_peak_flops, keep_freed_memory,
-                             atomic_write_text, atomic_write_json)
+                             atomic_write_json)
+from nanochat.model_args import add_model_args, validate_model_args, model_shape, config_from_args
+from nanochat.report import MetricsLog, peak_memory_mb, finite_or_none, format_eta, summary_table
 
 DATA_SOURCES = ("synthetic", "fineweb")
 
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="base_train", description="Pretrain a dense or MoE GPT.")
-    # Model shape
-    p.add_argument("--depth", type=int, default=12, help="number of transformer layers")
-    p.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth x aspect-ratio (unless --n-embd)")
-    p.add_argument("--n-embd", type=int, default=0, help="model width; 0 = depth x aspect-ratio")
-    p.add_argument("--head-dim", type=int, default=64, help="attention head dimension (width must divide by it)")
-    p.add_argument("--n-kv-head", type=int, default=0, help="key/value heads for GQA; 0 = as many as query heads")
-    p.add_argument("--max-seq-len", type=int, default=1024, help="context length in tokens")
-    # MoE
-    p.add_argument("--use-moe", action="store_true", help="replace MLPs with a token-choice top-k MoE")
-    p.add_argument("--n-experts", type=int, default=8)
-    p.add_argument("--expert-topk", type=int, default=2)
-    p.add_argument("--moe-freq", type=int, default=1, help="every n-th layer is MoE (1 = all)")
-    p.add_argument("--expert-hidden-mult", type=float, default=0.0,
-                   help="expert hidden width / model width; 0 = 4 / (expert-topk + n-shared-experts), iso-FLOPs with the dense 4x MLP")
-    p.add_argument("--balance-loss-coeff", type=float, default=0.01, help="weight of the Switch balance loss")
-    p.add_argument("--router", default="softmax", choices=["softmax", "sigmoid"], help="router scores (sigmoid: DeepSeek-V3)")
-    p.add_argument("--route-scale", type=float, default=1.0, help="scale of the combine weights")
-    p.add_argument("--n-shared-experts", type=int, default=0, help="always-on experts per MoE layer")
-    p.add_argument("--aux-free-bias", type=float, default=0.0,
-                   help="aux-loss-free balancing: bias update rate per optimizer step (0 = off), e.g. 0.001")
-    p.add_argument("--router-z-loss", type=float, default=0.0, help="weight of the router z-loss (ST-MoE), e.g. 0.001")
-    p.add_argument("--capacity-factor", type=float, default=0.0, help="expert capacity factor; 0 = dropless")
+    add_model_args(p)  # shape and MoE flags (nanochat/model_args.py)
+    # MoE training
+    p.add_argument("--balance-loss-coeff", type=float, default=0.01, help="weight of each MoE layer's Switch balance loss")
+    p.add_argument("--router-z-loss", type=float, default=0.0, help="weight of each MoE layer's router z-loss (ST-MoE), e.g. 0.001")
     p.add_argument("--moe-stats-every", type=int, default=20, help="steps between routing-statistics records")
     # Data
     p.add_argument("--data", default="synthetic", help="synthetic | fineweb | PATH (folder of shards, or .txt/.jsonl/.parquet)")
@@ -100,45 +83,28 @@ def parse_args(argv=None):
 
 
 def validate_args(args, world_size):
-    """All the cheap checks, before any data, tokenizer or model work. Raises UserError."""
-    require(args.depth >= 1, f"--depth must be >= 1 (got {args.depth})")
-    require(args.max_seq_len >= 2, f"--max-seq-len must be >= 2 (got {args.max_seq_len})")
-    require(args.head_dim >= 2 and args.head_dim % 2 == 0, f"--head-dim must be even and >= 2 (got {args.head_dim})")
-    n_embd = args.n_embd or args.depth * args.aspect_ratio
-    require(n_embd >= 1, f"--n-embd must be >= 1 (got {n_embd})")
-    require(n_embd % args.head_dim == 0,
-         f"model width {n_embd} ({'--n-embd' if args.n_embd else '--depth x --aspect-ratio'}) is not divisible by --head-dim {args.head_dim}")
-    n_head = n_embd // args.head_dim
-    n_kv_head = args.n_kv_head or n_head
-    require(n_head % n_kv_head == 0, f"--n-kv-head {n_kv_head} must divide the number of heads {n_head}")
+    """All the cheap checks, before any data, tokenizer or model work. Raises UserError.
+    Returns the device type."""
+    validate_model_args(args)
     if args.use_moe:
-        require(args.n_experts >= 1, f"--n-experts must be >= 1 (got {args.n_experts})")
-        require(args.expert_topk >= 1, f"--expert-topk must be >= 1 (got {args.expert_topk})")
-        require(args.expert_topk <= args.n_experts, f"--expert-topk {args.expert_topk} exceeds --n-experts {args.n_experts}")
-        require(args.moe_freq >= 1, f"--moe-freq must be >= 1 (got {args.moe_freq})")
-        require(args.moe_freq <= args.depth, f"--moe-freq {args.moe_freq} > --depth {args.depth}: no layer would be MoE")
-        require(args.expert_hidden_mult >= 0, f"--expert-hidden-mult must be > 0, or 0 for 4 / (--expert-topk + --n-shared-experts) (got {args.expert_hidden_mult})")
         require(args.balance_loss_coeff >= 0, f"--balance-loss-coeff must be >= 0 (got {args.balance_loss_coeff})")
-        require(args.route_scale > 0, f"--route-scale must be > 0 (got {args.route_scale})")
-        require(args.n_shared_experts >= 0, f"--n-shared-experts must be >= 0 (got {args.n_shared_experts})")
-        require(args.aux_free_bias >= 0, f"--aux-free-bias must be >= 0 (got {args.aux_free_bias})")
         require(args.router_z_loss >= 0, f"--router-z-loss must be >= 0 (got {args.router_z_loss})")
-        require(args.capacity_factor >= 0, f"--capacity-factor must be >= 0, 0 = dropless (got {args.capacity_factor})")
         require(args.moe_stats_every >= 1, f"--moe-stats-every must be >= 1 (got {args.moe_stats_every})")
     require(args.device_batch_size >= 1, f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
-    tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
+    seq_len = model_shape(args)[5]
+    tokens_per_fwdbwd = args.device_batch_size * seq_len * world_size
     require(args.total_batch_size > 0 and args.total_batch_size % tokens_per_fwdbwd == 0,
-         f"--total-batch-size {args.total_batch_size} is not a multiple of --device-batch-size x --max-seq-len x "
-         f"processes = {args.device_batch_size} x {args.max_seq_len} x {world_size} = {tokens_per_fwdbwd}")
+            f"--total-batch-size {args.total_batch_size} is not a multiple of --device-batch-size x --max-seq-len x "
+            f"processes = {args.device_batch_size} x {seq_len} x {world_size} = {tokens_per_fwdbwd}")
     require(args.num_iterations != 0, "--num-iterations must be positive (or -1 to derive it)")
     require(args.num_iterations > 0 or args.target_flops > 0 or args.target_param_data_ratio > 0,
-         "set one of --num-iterations, --target-flops, --target-param-data-ratio")
+            "set one of --num-iterations, --target-flops, --target-param-data-ratio")
     require(args.eval_every != 0, "--eval-every must be a number of steps, or -1 for an evaluation at the end only")
-    require(args.eval_tokens >= args.max_seq_len, f"--eval-tokens {args.eval_tokens} is less than one row of --max-seq-len {args.max_seq_len}")
+    require(args.eval_tokens >= seq_len, f"--eval-tokens {args.eval_tokens} is less than one row of --max-seq-len {seq_len}")
     require(0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1 and args.warmup_ratio + args.warmdown_ratio <= 1,
-         "--warmup-ratio and --warmdown-ratio must be in [0, 1] and sum to at most 1")
+            "--warmup-ratio and --warmdown-ratio must be in [0, 1] and sum to at most 1")
     require(args.resume_from_step in ("", "latest") or args.resume_from_step.isdigit(),
-         f"--resume-from-step must be a step number or 'latest' (got {args.resume_from_step!r})")
+            f"--resume-from-step must be a step number or 'latest' (got {args.resume_from_step!r})")
     require(args.vocab_size >= 257, f"--vocab-size must be >= 257 (256 bytes + BOS), got {args.vocab_size}")
     if args.data not in DATA_SOURCES:
         require(os.path.exists(args.data), f"--data {args.data!r}: not one of {', '.join(DATA_SOURCES)} and no such file or folder")
@@ -146,7 +112,7 @@ def validate_args(args, world_size):
     if args.fp8:
         from nanochat.fp8 import check_fp8_supported
         check_fp8_supported(device_type)
-    return device_type, n_embd, n_head, n_kv_head
+    return device_type
 
 
 def prepare_data(args, rank, ddp):
@@ -205,75 +171,61 @@ def get_muon_momentum(step):
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def peak_memory_mb(device_type):
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def evaluate(model, val_batches, eval_steps, token_bytes, autocast):
+    """Val bits per byte over eval_steps batches, in eval mode (dropless MoE)."""
+    from nanochat.loss_eval import evaluate_bpb
+    model.eval()
+    with autocast:
+        bpb = evaluate_bpb(model, val_batches, eval_steps, token_bytes)
+    model.train()
+    return bpb
 
 
-def finite_or_none(x):
-    return x if x is not None and math.isfinite(x) else None
+def print_samples(model, tokenizer, prompts, autocast, max_tokens=24):
+    """Greedy continuations of a few validation prompts, through the KV-cache engine."""
+    from nanochat.engine import generate
+    model.eval()
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend_bos=True)
+        with autocast:
+            out = generate(model, ids, max_tokens, temperature=0.0, bos_token_id=tokenizer.get_bos_token_id())[0]
+        print0(f"  sample | {prompt!r} -> {tokenizer.decode(out)!r}")
+    model.train()
 
 
-def format_eta(seconds):
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-class MetricsLog:
-    """metrics.jsonl on rank 0: one JSON object per line, flushed as written. On resume from
-    step s, records the resumed run will write again are cut first (evals and the summary
-    at or after s, train and moe records after s), so every step appears once."""
-
-    def __init__(self, path, enabled, resume_step=0):
-        self.enabled = enabled
-        if not enabled:
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if resume_step and os.path.exists(path):
-            with open(path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
-            keep = [r for r in records if r.get("type") == "header" or r.get("step", 0) < resume_step
-                    or (r.get("type") in ("train", "moe") and r.get("step") == resume_step)]
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-        self.f = open(path, "a" if resume_step else "w")
-
-    def write(self, record):
-        if self.enabled:
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()
-
-    def close(self):
-        if self.enabled:
-            self.f.close()
+@dataclass
+class RunState:
+    """What the loop carries from step to step, and what a checkpoint and the summary record."""
+    step: int = 0
+    flops: float = 0.0
+    val_bpb: float = float("nan")
+    min_val_bpb: float = float("inf")
+    smooth_loss: float = 0.0      # EMA of the printed training loss (continued on resume)
+    loader_state: dict = None     # loader position after the last batch trained on
+    step_times: list = field(default_factory=list)
 
 
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world_size = get_dist_info()
-    device_type, n_embd, n_head, n_kv_head = validate_args(args, world_size)
-    if args.use_moe and args.expert_hidden_mult == 0:
-        args.expert_hidden_mult = 4 / (args.expert_topk + args.n_shared_experts)
+    device_type = validate_args(args, world_size)
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    if keep_freed_memory(device_type):  # ~1.5x faster CPU steps at d=512 (dev/LOG.md, issue 6)
+    if keep_freed_memory(device_type):  # ~1.5x faster CPU steps at d=512 (dev/LOG.md)
         print0("CPU: glibc keeps freed memory in the heap (no page faults on reused activations)")
     try:
-        train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv_head)
+        train(args, device_type, device, ddp, rank, world_size)
     finally:
         compute_cleanup()
 
 
-def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv_head):
-    from nanochat.gpt import GPTConfig, build_model, describe_params
+def train(args, device_type, device, ddp, rank, world_size):
+    from nanochat.gpt import build_model, describe_params
     from nanochat.optim import setup_optimizers, all_reduce_grads
     from nanochat.tokenizer import get_tokenizer, load_token_bytes
     from nanochat.dataloader import data_loader
     from nanochat.dataset import list_shards, split_shards, read_entropy_floor
-    from nanochat.loss_eval import evaluate_bpb
-    from nanochat.moe import update_expert_bias, collect_moe_stats, collect_step_loads, active_expert_masks
+    from nanochat.moe import (update_expert_bias, collect_moe_stats, collect_step_loads, active_expert_masks,
+                              format_moe_stats, newly_dead_experts)
     from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_latest_step, set_rng_state
 
     master = rank == 0
@@ -286,12 +238,7 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     train_shards, val_shards = split_shards(shards, "train"), split_shards(shards, "val")
     entropy_floor = read_entropy_floor(data_dir)
 
-    config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth,
-                       n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, use_moe=args.use_moe,
-                       n_experts=args.n_experts, expert_topk=args.expert_topk, moe_freq=args.moe_freq,
-                       expert_hidden_mult=args.expert_hidden_mult if args.use_moe else 4, router=args.router,
-                       route_scale=args.route_scale, n_shared_experts=args.n_shared_experts,
-                       aux_free_bias=args.aux_free_bias, capacity_factor=args.capacity_factor)
+    config = config_from_args(args, tokenizer.get_vocab_size())
     model = build_model(config, device)
     params = model.num_scaling_params()
     flops_per_token = model.estimate_flops()
@@ -305,8 +252,9 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
                    f"routers stay in fp32 (routing is computed in fp32 under autocast)")
 
     # Training horizon, from active parameters (an MoE's idle experts do no work per token).
+    B, T = args.device_batch_size, config.sequence_len
     tokens_per_step = args.total_batch_size
-    grad_accum = tokens_per_step // (args.device_batch_size * args.max_seq_len * world_size)
+    grad_accum = tokens_per_step // (B * T * world_size)
     if args.num_iterations > 0:
         num_iterations, horizon = args.num_iterations, "--num-iterations"
     elif args.target_flops > 0:
@@ -320,10 +268,10 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     if entropy_floor is not None:
         print0(f"Entropy floor of the validation data: {entropy_floor:.4f} bits/byte (irreducible)")
 
-    optimizers = setup_optimizers(model, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                  matrix_lr=args.matrix_lr, router_lr=args.router_lr,
-                                  weight_decay=args.weight_decay, device_type=device_type)
-    adamw, muon = optimizers
+    adamw, muon = optimizers = setup_optimizers(model, unembedding_lr=args.unembedding_lr,
+                                                embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
+                                                router_lr=args.router_lr, weight_decay=args.weight_decay,
+                                                device_type=device_type)
     n_moe_layers = max(1, model.num_moe_layers())
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
     # Fixed shapes, one graph: the MoE's tensors are sized by (tokens, k, experts) only; how many
@@ -333,20 +281,23 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     train_model = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
     autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
 
-    model_tag = args.model_tag or (f"d{args.depth}" + (f"_moe{args.n_experts}k{args.expert_topk}" if args.use_moe else ""))
+    model_tag = args.model_tag or (f"d{config.n_layer}" + (f"_moe{args.n_experts}k{args.expert_topk}" if args.use_moe else ""))
     run_dir = os.path.join(get_base_dir(), "runs", model_tag)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    start_step, loader_state, resumed_meta = 0, None, None
+    state = RunState()
     if args.resume_from_step:
         step_to_load = find_latest_step(ckpt_dir) if args.resume_from_step == "latest" else int(args.resume_from_step)
         meta = load_checkpoint(ckpt_dir, step_to_load, model, optimizers, rank, device)
-        start_step, loader_state, resumed_meta = meta["step"], meta["loader_state"], meta
         if "rng_state" in meta:
             set_rng_state(meta["rng_state"])
         if meta.get("world_size", world_size) != world_size:
             raise UserError(f"--resume-from-step: the checkpoint was saved by {meta['world_size']} process(es), this run "
                             f"has {world_size}; resume with the same number (each rank restores its own data position)")
-        print0(f"Resumed from {ckpt_dir} step {start_step}")
+        state = RunState(step=meta["step"], flops=meta["step"] * flops_per_token * tokens_per_step,
+                         min_val_bpb=meta.get("min_val_bpb") or float("inf"), smooth_loss=meta.get("smooth_loss", 0.0),
+                         loader_state=meta["loader_state"])
+        print0(f"Resumed from {ckpt_dir} step {state.step}")
+    start_step = state.step
     header = dict(type="header", config=config.to_dict(), args=vars(args), commit=git_commit(), model_tag=model_tag,
                   total=params["total"], active_total=params["active_total"], params=params,
                   flops_per_token=flops_per_token, tokens_per_step=tokens_per_step, num_iterations=num_iterations,
@@ -364,85 +315,43 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
     else:
         wandb_run = DummyWandb()
 
-    def rank_loader(shard_list, state, loop):
-        return data_loader(tokenizer, shard_list, args.device_batch_size, args.max_seq_len, rank=rank,
-                           world_size=world_size, device=device, state=state, loop=loop)
+    def batches(shard_list, loader_state, loop):
+        return data_loader(tokenizer, shard_list, B, T, rank=rank, world_size=world_size, device=device,
+                           state=loader_state, loop=loop)
 
-    def evaluate():
-        model.eval()
-        eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
-        with autocast:
-            bpb = evaluate_bpb(model, rank_loader(val_shards, None, False), eval_steps, token_bytes)
-        model.train()
-        return bpb
-
-    sample_prompts = [d[:48].rsplit(" ", 1)[0] for d in _first_documents(val_shards[0], 3)]  # whole words
-
-    def sample():
-        model.eval()
-        for prompt in sample_prompts:
-            ids = tokenizer.encode(prompt, prepend_bos=True)
-            with autocast:
-                out = list(model.generate(ids, max_tokens=24))
-            print0(f"  sample | {prompt!r} -> {tokenizer.decode(out)!r}")
-        model.train()
-
-    def checkpoint(step, name=None):
-        meta = dict(step=step, world_size=world_size, config=config.to_dict(), args=vars(args), val_bpb=finite_or_none(val_bpb),
-                    min_val_bpb=finite_or_none(min_val_bpb), smooth_loss=smooth_loss, flops=flops_done, num_iterations=num_iterations,
+    def save(state, name=None):
+        meta = dict(step=state.step, world_size=world_size, config=config.to_dict(), args=vars(args),
+                    val_bpb=finite_or_none(state.val_bpb), min_val_bpb=finite_or_none(state.min_val_bpb),
+                    smooth_loss=state.smooth_loss, flops=state.flops, num_iterations=num_iterations,
                     tokenizer_dir=tokenizer_dir, data_dir=data_dir, commit=git_commit())
-        save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state=consumed_state, meta=meta,
-                        name=name, keep=args.keep_checkpoints)
+        save_checkpoint(ckpt_dir, state.step, model, optimizers, rank, ddp, loader_state=state.loader_state,
+                        meta=meta, name=name, keep=args.keep_checkpoints)
 
-    dead_streak = {}  # (layer, expert) -> consecutive stats intervals without a single token
-
-    def log_moe_stats(step, flops):
-        """Per-layer routing statistics since the last call: one metrics record, wandb, a
-        one-line summary, and a warning for experts that stay dead."""
-        layers = collect_moe_stats(model, world_size)
-        metrics.write(dict(type="moe", step=step, flops=flops, layers=layers))
-        for i, s in enumerate(layers):
-            wandb_run.log({"step": step, **{f"moe/layer{i}/{k}": v for k, v in s.items() if k != "load"}})
-        n = len(layers)
-        print0(f"  moe   | step {step:05d} | load cv {sum(s['cv'] for s in layers) / n:.3f} "
-               f"| max/min load {max(s['max_load'] for s in layers):.2f}/{min(s['min_load'] for s in layers):.2f} "
-               f"| dead {sum(s['dead'] for s in layers)} | entropy {sum(s['entropy'] for s in layers) / n:.3f} "
-               f"| dropped {sum(s['dropped'] for s in layers) / n:.4f} | z {sum(s['z_loss'] for s in layers) / n:.3f}")
-        for i, s in enumerate(layers):
-            for e, share in enumerate(s["load"]):
-                dead_streak[i, e] = dead_streak.get((i, e), 0) + 1 if share == 0 else 0
-                if dead_streak[i, e] == 3:
-                    print0(f"  warning: MoE layer {i} expert {e} has received no token for 3 intervals "
-                           f"({3 * args.moe_stats_every} steps); consider --aux-free-bias or a larger --balance-loss-coeff")
-
-    # consumed_state: the loader state after the last batch trained on (what a checkpoint
-    # saves); the batch in x/y has been fetched ahead and is not consumed yet.
-    train_batches = rank_loader(train_shards, loader_state, True)
-    consumed_state = loader_state
-    x, y, next_state = next(train_batches)
-    flops_done = start_step * flops_per_token * tokens_per_step
-    val_bpb = float("nan")
-    min_val_bpb = (resumed_meta or {}).get("min_val_bpb") or float("inf")
-    step_times = []
-    smooth_loss = (resumed_meta or {}).get("smooth_loss", 0.0)  # EMA of the printed loss, continued on resume
+    eval_steps = max(1, args.eval_tokens // (B * T * world_size))
+    sample_prompts = [d[:48].rsplit(" ", 1)[0] for d in _first_documents(val_shards[0], 3)]  # whole words
+    dead_streaks = {}  # (layer, expert) -> consecutive stats intervals without a single token
+    # The batch in x, y is fetched ahead and not consumed yet; state.loader_state is the position
+    # after the last batch trained on (what a checkpoint saves).
+    train_batches = batches(train_shards, state.loader_state, True)
+    x, y, next_loader_state = next(train_batches)
     t_start = time.time()
-    step = start_step
     while True:
+        step = state.step
         last = step == num_iterations
         if args.eval_every > 0 and (step % args.eval_every == 0 or last) or (last and args.eval_every < 0):
-            val_bpb = evaluate()
-            floor = f" | floor {entropy_floor:.4f} (+{val_bpb - entropy_floor:.4f})" if entropy_floor is not None else ""
-            print0(f"step {step:05d} | val bpb {val_bpb:.4f}{floor}")
-            metrics.write(dict(type="eval", step=step, flops=flops_done, tokens=step * tokens_per_step, val_bpb=val_bpb))
-            wandb_run.log({"step": step, "flops": flops_done, "val/bpb": val_bpb})
-            if val_bpb < min_val_bpb and step > start_step:
-                min_val_bpb = val_bpb
-                checkpoint(step, name="best")
-            min_val_bpb = min(min_val_bpb, val_bpb)
+            state.val_bpb = evaluate(model, batches(val_shards, None, False), eval_steps, token_bytes, autocast)
+            floor = f" | floor {entropy_floor:.4f} (+{state.val_bpb - entropy_floor:.4f})" if entropy_floor is not None else ""
+            print0(f"step {step:05d} | val bpb {state.val_bpb:.4f}{floor}")
+            metrics.write(dict(type="eval", step=step, flops=state.flops, tokens=step * tokens_per_step, val_bpb=state.val_bpb))
+            wandb_run.log({"step": step, "flops": state.flops, "val/bpb": state.val_bpb})
+            if state.val_bpb < state.min_val_bpb and step > start_step:
+                state.min_val_bpb = state.val_bpb
+                save(state, name="best")
+            state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
         if args.sample_every > 0 and master and (step % args.sample_every == 0 or last) and step > 0:
-            sample()
+            print_samples(model, tokenizer, sample_prompts, autocast)
         if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-            checkpoint(step)
+            save(state)
         if last:
             break
 
@@ -459,8 +368,8 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
             # logged per MoE layer (the mean), while the loss above takes the sum over layers
             loss_sums += torch.stack([ce.detach(), aux["balance_loss"].detach() / n_moe_layers,
                                       aux["z_loss"].detach() / n_moe_layers])
-            consumed_state = next_state
-            x, y, next_state = next(train_batches)
+            state.loader_state = next_loader_state
+            x, y, next_loader_state = next(train_batches)
         all_reduce_grads(model, world_size)
         lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for opt in optimizers:
@@ -484,63 +393,72 @@ def train(args, device_type, device, ddp, rank, world_size, n_embd, n_head, n_kv
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
-        step += 1
-        flops_done = step * flops_per_token * tokens_per_step
+        state.step = step = step + 1
+        state.flops = step * flops_per_token * tokens_per_step
         if not math.isfinite(train_loss):
             raise SystemExit(f"base_train: error: non-finite training loss ({train_loss}) at step {step}; "
                              f"stopping (last checkpoint untouched). Try a lower --matrix-lr / --embedding-lr.")
 
         if step - start_step > 2:  # the first steps include warm-up/compilation
-            step_times.append(dt)
+            state.step_times.append(dt)
         if use_compile and step == start_step + 1:
             graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             print0(f"torch.compile: first step {dt:.1f}s (compilation included), {graphs_after_warmup} graph(s)")
-        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
-        debiased = smooth_loss / (1 - 0.9 ** step)
+        state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * train_loss
+        debiased = state.smooth_loss / (1 - 0.9 ** step)
         tok_per_sec = tokens_per_step / dt
         peak = get_peak_flops(device_type)
         mfu = 100 * flops_per_token * tok_per_sec / (peak * world_size) if peak else None
-        avg_dt = sum(step_times) / len(step_times) if step_times else dt
-        eta = format_eta(avg_dt * (num_iterations - step))
-        record = dict(type="train", step=step, flops=flops_done, tokens=step * tokens_per_step, train_loss=train_loss,
-                      lr_mult=lrm, dt=dt, tok_per_sec=tok_per_sec, mfu=mfu, epoch=consumed_state["epoch"],
-                      epochs=round(consumed_state["epochs"], 4))
+        avg_dt = sum(state.step_times) / len(state.step_times) if state.step_times else dt
+        epochs = state.loader_state["epochs"]
+        record = dict(type="train", step=step, flops=state.flops, tokens=step * tokens_per_step, train_loss=train_loss,
+                      lr_mult=lrm, dt=dt, tok_per_sec=tok_per_sec, mfu=mfu, epoch=state.loader_state["epoch"],
+                      epochs=round(epochs, 4))
         if args.use_moe:
             record.update(balance_loss=balance_loss, z_loss=z_loss)
         metrics.write(record)
-        wandb_run.log({"step": step, "flops": flops_done, "train/loss": train_loss, "train/balance_loss": balance_loss,
+        wandb_run.log({"step": step, "flops": state.flops, "train/loss": train_loss, "train/balance_loss": balance_loss,
                        "train/z_loss": z_loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu or 0.0})
         if args.use_moe and (step % args.moe_stats_every == 0 or step == num_iterations):
-            log_moe_stats(step, flops_done)
+            layers = collect_moe_stats(model, world_size)
+            metrics.write(dict(type="moe", step=step, flops=state.flops, layers=layers))
+            for i, s in enumerate(layers):
+                wandb_run.log({"step": step, **{f"moe/layer{i}/{k}": v for k, v in s.items() if k != "load"}})
+            print0(format_moe_stats(step, layers))
+            for i, e in newly_dead_experts(dead_streaks, layers):
+                print0(f"  warning: MoE layer {i} expert {e} has received no token for 3 intervals "
+                       f"({3 * args.moe_stats_every} steps); consider --aux-free-bias or a larger --balance-loss-coeff")
         if step % args.log_every == 0 or step == num_iterations:
             bal = f" | bal {balance_loss:.4f}" if args.use_moe else ""
             mfu_s = f"{mfu:.1f}%" if mfu is not None else "n/a"
             print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f}{bal} "
                    f"| lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_s} "
-                   f"| epoch {consumed_state['epochs']:.2f} | eta {eta}")
+                   f"| epoch {epochs:.2f} | eta {format_eta(avg_dt * (num_iterations - step))}")
 
     wall = time.time() - t_start
-    avg_tok_s = tokens_per_step / (sum(step_times) / len(step_times)) if step_times else float("nan")
-    summary = dict(type="summary", step=step, flops=flops_done, tokens=step * tokens_per_step, final_val_bpb=val_bpb,
-                   min_val_bpb=min_val_bpb, entropy_floor=entropy_floor, total=params["total"],
-                   active_total=params["active_total"], flops_per_token=flops_per_token, tok_per_sec=avg_tok_s,
-                   wall_time=wall, peak_memory_mb=peak_memory_mb(device_type), epochs=round(consumed_state["epochs"], 4))
+    times = state.step_times
+    avg_tok_s = tokens_per_step / (sum(times) / len(times)) if times else float("nan")
+    epochs = (state.loader_state or {}).get("epochs", 0.0)
+    summary = dict(type="summary", step=state.step, flops=state.flops, tokens=state.step * tokens_per_step,
+                   final_val_bpb=state.val_bpb, min_val_bpb=state.min_val_bpb, entropy_floor=entropy_floor,
+                   total=params["total"], active_total=params["active_total"], flops_per_token=flops_per_token,
+                   tok_per_sec=avg_tok_s, wall_time=wall, peak_memory_mb=peak_memory_mb(device_type),
+                   epochs=round(epochs, 4))
     metrics.write(summary)
     metrics.close()
     wandb_run.finish()
     rows = [("model", model_tag), ("params total / active", f"{params['total']:,} / {params['active_total']:,}"),
-            ("FLOPs/token", f"{flops_per_token:.4e}"), ("tokens", f"{step * tokens_per_step:,}"),
-            ("FLOPs", f"{flops_done:.4e}"), ("epochs (passes over the train data)", f"{summary['epochs']:.2f}"),
-            ("final val bpb", f"{val_bpb:.4f}"),
+            ("FLOPs/token", f"{flops_per_token:.4e}"), ("tokens", f"{summary['tokens']:,}"),
+            ("FLOPs", f"{state.flops:.4e}"), ("epochs (passes over the train data)", f"{summary['epochs']:.2f}"),
+            ("final val bpb", f"{state.val_bpb:.4f}"),
             ("entropy floor", f"{entropy_floor:.4f}" if entropy_floor is not None else "n/a"),
             ("tok/s (mean step)", f"{avg_tok_s:,.0f}"), ("wall time", f"{wall:.1f}s"),
             ("peak memory", f"{summary['peak_memory_mb']:.0f} MiB"), ("run folder", run_dir)]
-    if use_compile and step > start_step:
+    if use_compile and state.step > start_step:
         # graphs compiled after the first step = recompiles (routing changes must not cause any)
         later = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_after_warmup
         rows.insert(-1, ("graphs compiled after step 1", f"{later}"))
-    width = max(len(k) for k, _ in rows)
-    print0("\n".join(["", "Summary", "-" * (width + 30)] + [f"{k:<{width}}  {v}" for k, v in rows]))
+    print0(summary_table(rows))
 
 
 def _first_documents(path, n):

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from nanochat.common import ArgumentParser, UserError, keep_freed_memory, print0, require, run_main
 from nanochat.gpt import GPTConfig, MLP, build_model
+from nanochat.model_args import iso_flops_expert_mult
 from nanochat.moe import MoE, naive_moe_forward, collect_step_loads, active_expert_masks
 from nanochat.optim import setup_optimizers
 
@@ -129,8 +130,9 @@ def make_layers(d, fine, device, dtype):
     at 4d/k, and the naive loop on the top-2 of 8 weights. All iso-FLOPs (+ the router)."""
     torch.manual_seed(0)
     dense_cfg = GPTConfig(n_embd=d)
-    moe_cfg = GPTConfig(n_embd=d, use_moe=True, n_experts=8, expert_topk=2, expert_hidden_mult=2)
-    fine_cfg = GPTConfig(n_embd=d, use_moe=True, n_experts=fine[0], expert_topk=fine[1], expert_hidden_mult=4 / fine[1])
+    moe_cfg = GPTConfig(n_embd=d, use_moe=True, n_experts=8, expert_topk=2, expert_hidden_mult=iso_flops_expert_mult(2))
+    fine_cfg = GPTConfig(n_embd=d, use_moe=True, n_experts=fine[0], expert_topk=fine[1],
+                         expert_hidden_mult=iso_flops_expert_mult(fine[1]))
     layers = {"dense": MLP(dense_cfg), "moe": MoE(moe_cfg), f"moe_fine{fine[0]}": MoE(fine_cfg)}
     with torch.no_grad():
         for layer in layers.values():
@@ -191,7 +193,7 @@ def bench_step(args, device, dtype):
     common = dict(sequence_len=args.step_seq_len, vocab_size=args.step_vocab, n_layer=args.step_depth,
                   n_head=d // 64, n_kv_head=d // 64, n_embd=d)
     configs = {"dense": GPTConfig(**common),
-               "moe": GPTConfig(**common, use_moe=True, n_experts=8, expert_topk=2, expert_hidden_mult=2)}
+               "moe": GPTConfig(**common, use_moe=True, n_experts=8, expert_topk=2, expert_hidden_mult=iso_flops_expert_mult(2))}
     torch.manual_seed(0)
     idx = torch.randint(0, args.step_vocab, (args.step_rows, args.step_seq_len), device=device)
     targets = torch.roll(idx, -1, dims=1)

@@ -6,9 +6,10 @@ Plan an iso-FLOPs comparison: a dense GPT and an MoE with the same training FLOP
 
 Per MoE layer the MoE spends (top-k + shared) x 2·d·h on experts plus E·d on the router,
 where the dense layer spends 2·d·4d on its MLP. Equal FLOPs therefore needs
-h = (8d − E) / (2 (top-k + shared)); h is rounded to a multiple of --align (kernels want
-aligned widths), and the remaining mismatch, measured with GPT.estimate_flops() of the two
-built models, is reported. Prints both configs side by side with params, FLOPs/token, a
+h = (8d − E) / (2 (top-k + shared)) (model_args.router_exact_expert_hidden); h is rounded to a
+multiple of --align (kernels want aligned widths), and the remaining mismatch, measured with
+GPT.estimate_flops() of the two built models, is reported. --expert-hidden-mult X plans X
+instead (base_train's default, 0, is 4 / (top-k + shared), which leaves the router's E·d). Prints both configs side by side with params, FLOPs/token, a
 training-memory estimate, and the base_train flags to use.
 """
 
@@ -16,13 +17,9 @@ import math
 
 import torch
 
-from nanochat.common import UserError, ArgumentParser, run_main
-from nanochat.gpt import GPTConfig, GPT
-
-
-def moe_hidden_for_iso_flops(d, n_experts, topk, n_shared, align):
-    exact = (8 * d - n_experts) / (2 * (topk + n_shared))
-    return max(align, int(round(exact / align)) * align), exact
+from nanochat.common import UserError, ArgumentParser, run_main, require
+from nanochat.gpt import GPT
+from nanochat.model_args import add_model_args, validate_model_args, model_shape, config_from_args, router_exact_expert_hidden
 
 
 def build_meta(config):
@@ -73,38 +70,26 @@ def fmt_bytes(n):
 
 def main():
     p = ArgumentParser(prog="iso_flops", description="Dense and MoE configs with equal training FLOPs per token.")
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--aspect-ratio", type=int, default=64)
-    p.add_argument("--n-embd", type=int, default=0, help="model width; 0 = depth x aspect-ratio")
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--max-seq-len", type=int, default=1024)
+    add_model_args(p, planner=True)
     p.add_argument("--vocab-size", type=int, default=65536)
-    p.add_argument("--n-experts", type=int, default=8)
-    p.add_argument("--expert-topk", type=int, default=2)
-    p.add_argument("--n-shared-experts", type=int, default=0)
-    p.add_argument("--moe-freq", type=int, default=1)
     p.add_argument("--align", type=int, default=8, help="round the expert width to a multiple of this")
     p.add_argument("--device-batch-size", type=int, default=16, help="rows per micro-batch, for the memory estimate")
     p.add_argument("--activation-bytes", type=int, default=2, help="bytes per activation value (2 = bf16 on GPU, 4 = fp32 CPU)")
     args = p.parse_args()
 
-    d = args.n_embd or args.depth * args.aspect_ratio
-    if d % args.head_dim:
-        raise UserError(f"model width {d} is not divisible by --head-dim {args.head_dim}")
-    if not 1 <= args.expert_topk <= args.n_experts:
-        raise UserError(f"--expert-topk {args.expert_topk} must be between 1 and --n-experts {args.n_experts}")
-    if args.moe_freq < 1 or args.n_shared_experts < 0 or args.align < 1:
-        raise UserError("--moe-freq and --align must be >= 1, --n-shared-experts >= 0")
-    hidden, exact = moe_hidden_for_iso_flops(d, args.n_experts, args.expert_topk, args.n_shared_experts, args.align)
+    validate_model_args(args)
+    require(args.align >= 1, f"--align must be >= 1 (got {args.align})")
+    depth, d, _, _, head_dim, seq_len = model_shape(args)
+    if args.expert_hidden_mult:
+        hidden, exact = round(args.expert_hidden_mult * d), args.expert_hidden_mult * d
+    else:
+        hidden, exact = router_exact_expert_hidden(d, args.n_experts, args.expert_topk, args.n_shared_experts, args.align)
     mult = hidden / d
-    common = dict(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
-                  n_head=d // args.head_dim, n_kv_head=d // args.head_dim, n_embd=d)
-    dense = build_meta(GPTConfig(**common))
-    moe = build_meta(GPTConfig(**common, use_moe=True, n_experts=args.n_experts, expert_topk=args.expert_topk,
-                               n_shared_experts=args.n_shared_experts, moe_freq=args.moe_freq, expert_hidden_mult=mult))
+    dense = build_meta(config_from_args(args, args.vocab_size, use_moe=False))
+    moe = build_meta(config_from_args(args, args.vocab_size, expert_hidden_mult=mult))
     f_dense, f_moe = dense.estimate_flops(), moe.estimate_flops()
     mismatch = 100 * (f_moe - f_dense) / f_dense
-    batch_tokens = args.device_batch_size * args.max_seq_len
+    batch_tokens = args.device_batch_size * seq_len
     rows = []
     for name, model in (("dense", dense), ("moe", moe)):
         c = model.num_scaling_params()
@@ -112,7 +97,7 @@ def main():
         rows.append((name, c, model.estimate_flops(), mem))
 
     routed = f"top-{args.expert_topk} of {args.n_experts}" + (f" + {args.n_shared_experts} shared" if args.n_shared_experts else "")
-    print(f"width {d}, depth {args.depth}, seq {args.max_seq_len}, vocab {args.vocab_size}; MoE {routed}, "
+    print(f"width {d}, depth {depth}, seq {seq_len}, vocab {args.vocab_size}; MoE {routed}, "
           f"every {args.moe_freq} layer(s)")
     print(f"iso-FLOPs expert width: exact {exact:.2f} -> {hidden} (multiple of {args.align}), "
           f"--expert-hidden-mult {mult:.6g}; FLOPs mismatch {mismatch:+.3f}%")
@@ -124,12 +109,12 @@ def main():
         ("FLOPs/token (train)", f"{rows[0][2]:.4e}", f"{rows[1][2]:.4e}"),
     ]
     for key in ("weights", "grads", "optimizer", "activations", "total"):
-        label = f"memory {key}" + (f" ({args.device_batch_size}x{args.max_seq_len} tok, {args.activation_bytes} B)" if key == "activations" else "")
+        label = f"memory {key}" + (f" ({args.device_batch_size}x{seq_len} tok, {args.activation_bytes} B)" if key == "activations" else "")
         lines.append((label, fmt_bytes(rows[0][3][key]), fmt_bytes(rows[1][3][key])))
     widths = [max(len(str(r[i])) for r in [header] + lines) for i in range(3)]
     for r in [header] + lines:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-    base = f"--depth {args.depth} --n-embd {d} --head-dim {args.head_dim} --max-seq-len {args.max_seq_len}"
+    base = f"--depth {depth} --n-embd {d} --head-dim {head_dim} --max-seq-len {seq_len}"
     print("\nbase_train flags:")
     print(f"  dense: {base}")
     print(f"  moe:   {base} --use-moe --n-experts {args.n_experts} --expert-topk {args.expert_topk} "

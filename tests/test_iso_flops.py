@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nanochat.gpt import GPTConfig, GPT
-from scripts.iso_flops import moe_hidden_for_iso_flops, memory_estimate
+from nanochat.model_args import router_exact_expert_hidden as moe_hidden_for_iso_flops
+from scripts.iso_flops import memory_estimate
 
 
 def flops(cfg):

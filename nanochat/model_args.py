@@ -1,0 +1,104 @@
+"""
+The model's command-line flags, in one place: every script that builds or plans a model
+(base_train, iso_flops, bench_moe) declares its shape and MoE flags with add_model_args and
+turns them into a GPTConfig with config_from_args, so "--depth 4 --n-embd 128" means the same
+model everywhere. Shape flags default to None: a script can tell "not given" from "given".
+"""
+
+from nanochat.common import require
+from nanochat.gpt import GPTConfig
+
+# Defaults of the shape flags, applied by model_shape() when a flag is not given.
+SHAPE_DEFAULTS = dict(depth=12, aspect_ratio=64, n_embd=0, head_dim=64, n_kv_head=0, max_seq_len=1024)
+
+
+def iso_flops_expert_mult(topk, n_shared=0):
+    """Expert width / model width at which top-k routed (+ shared) experts cost what the dense
+    4d MLP costs: 4 / (k + s). The router's E·d FLOPs per layer are not compensated (a <1% excess
+    at our shapes); router_exact_expert_hidden does that for the planner."""
+    return 4 / (topk + n_shared)
+
+
+def router_exact_expert_hidden(d, n_experts, topk, n_shared, align):
+    """(rounded, exact) expert hidden width whose FLOPs, router included, equal the dense MLP's:
+    (k + s) * 2dh + E d = 8 d^2 -> h = (8d - E) / (2 (k + s)), rounded to a multiple of align."""
+    exact = (8 * d - n_experts) / (2 * (topk + n_shared))
+    return max(align, int(round(exact / align)) * align), exact
+
+
+def add_model_args(p, planner=False):
+    """Shape and MoE flags. planner=True (iso_flops: it plans a dense and an MoE model at once)
+    leaves out --use-moe and the routing variants, which do not change shapes or FLOPs."""
+    p.add_argument("--depth", type=int, default=None, help=f"number of transformer layers (default {SHAPE_DEFAULTS['depth']})")
+    p.add_argument("--aspect-ratio", type=int, default=None,
+                   help=f"model width = depth x aspect-ratio unless --n-embd (default {SHAPE_DEFAULTS['aspect_ratio']})")
+    p.add_argument("--n-embd", type=int, default=None, help="model width (default: depth x aspect-ratio)")
+    p.add_argument("--head-dim", type=int, default=None, help=f"attention head dimension (default {SHAPE_DEFAULTS['head_dim']})")
+    p.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: as many as query heads)")
+    p.add_argument("--max-seq-len", type=int, default=None, help=f"context length in tokens (default {SHAPE_DEFAULTS['max_seq_len']})")
+    if not planner:
+        p.add_argument("--use-moe", action="store_true", help="replace MLPs with a token-choice top-k MoE")
+    p.add_argument("--n-experts", type=int, default=8)
+    p.add_argument("--expert-topk", type=int, default=2)
+    p.add_argument("--moe-freq", type=int, default=1, help="every n-th layer is MoE (1 = all)")
+    p.add_argument("--n-shared-experts", type=int, default=0, help="always-on experts per MoE layer")
+    p.add_argument("--expert-hidden-mult", type=float, default=0.0,
+                   help="expert hidden width / model width; 0 = 4 / (expert-topk + n-shared-experts), iso-FLOPs with the dense 4x MLP")
+    if not planner:
+        p.add_argument("--router", default="softmax", choices=["softmax", "sigmoid"], help="router scores (sigmoid: DeepSeek-V3)")
+        p.add_argument("--route-scale", type=float, default=1.0, help="scale of the combine weights")
+        p.add_argument("--aux-free-bias", type=float, default=0.0,
+                       help="aux-loss-free balancing: bias update rate per optimizer step (0 = off), e.g. 0.001")
+        p.add_argument("--capacity-factor", type=float, default=0.0, help="expert capacity factor in training; 0 = dropless")
+
+
+def model_shape(args):
+    """(depth, n_embd, n_head, n_kv_head, head_dim, max_seq_len) from the flags and defaults,
+    checked: raises UserError naming the flag."""
+    get = lambda name: getattr(args, name) if getattr(args, name, None) is not None else SHAPE_DEFAULTS[name]
+    depth, head_dim, seq = get("depth"), get("head_dim"), get("max_seq_len")
+    require(depth >= 1, f"--depth must be >= 1 (got {depth})")
+    require(seq >= 2, f"--max-seq-len must be >= 2 (got {seq})")
+    require(head_dim >= 2 and head_dim % 2 == 0, f"--head-dim must be even and >= 2 (got {head_dim})")
+    n_embd = get("n_embd") or depth * get("aspect_ratio")
+    require(n_embd >= 1, f"--n-embd must be >= 1 (got {n_embd})")
+    require(n_embd % head_dim == 0,
+            f"model width {n_embd} ({'--n-embd' if get('n_embd') else '--depth x --aspect-ratio'}) is not divisible by --head-dim {head_dim}")
+    n_head = n_embd // head_dim
+    n_kv_head = get("n_kv_head") or n_head
+    require(n_head % n_kv_head == 0, f"--n-kv-head {n_kv_head} must divide the number of heads {n_head}")
+    return depth, n_embd, n_head, n_kv_head, head_dim, seq
+
+
+def validate_model_args(args):
+    """The cheap checks of the shape and MoE flags, before any work. Raises UserError."""
+    depth = model_shape(args)[0]
+    if not getattr(args, "use_moe", True):  # planners have no --use-moe: they always plan an MoE
+        return
+    require(args.n_experts >= 1, f"--n-experts must be >= 1 (got {args.n_experts})")
+    require(args.expert_topk >= 1, f"--expert-topk must be >= 1 (got {args.expert_topk})")
+    require(args.expert_topk <= args.n_experts, f"--expert-topk {args.expert_topk} exceeds --n-experts {args.n_experts}")
+    require(args.moe_freq >= 1, f"--moe-freq must be >= 1 (got {args.moe_freq})")
+    require(args.moe_freq <= depth, f"--moe-freq {args.moe_freq} > --depth {depth}: no layer would be MoE")
+    require(args.n_shared_experts >= 0, f"--n-shared-experts must be >= 0 (got {args.n_shared_experts})")
+    require(args.expert_hidden_mult >= 0,
+            f"--expert-hidden-mult must be > 0, or 0 for 4 / (--expert-topk + --n-shared-experts) (got {args.expert_hidden_mult})")
+    if hasattr(args, "router"):
+        require(args.route_scale > 0, f"--route-scale must be > 0 (got {args.route_scale})")
+        require(args.aux_free_bias >= 0, f"--aux-free-bias must be >= 0 (got {args.aux_free_bias})")
+        require(args.capacity_factor >= 0, f"--capacity-factor must be >= 0, 0 = dropless (got {args.capacity_factor})")
+
+
+def config_from_args(args, vocab_size, **overrides):
+    """The GPTConfig the flags describe (checked). The MoE fields keep their GPTConfig defaults
+    for a dense model; an --expert-hidden-mult of 0 means iso-FLOPs with the dense MLP."""
+    depth, n_embd, n_head, n_kv_head, _, seq = model_shape(args)
+    cfg = dict(sequence_len=seq, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+    if getattr(args, "use_moe", True):
+        cfg.update(use_moe=True, n_experts=args.n_experts, expert_topk=args.expert_topk, moe_freq=args.moe_freq,
+                   n_shared_experts=args.n_shared_experts,
+                   expert_hidden_mult=args.expert_hidden_mult or iso_flops_expert_mult(args.expert_topk, args.n_shared_experts))
+        if hasattr(args, "router"):
+            cfg.update(router=args.router, route_scale=args.route_scale, aux_free_bias=args.aux_free_bias,
+                       capacity_factor=args.capacity_factor)
+    return GPTConfig(**{**cfg, **overrides})
