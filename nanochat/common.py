@@ -145,7 +145,7 @@ def keep_freed_memory(device_type):
     """CPU training: stop glibc from handing big tensors back to the kernel when they are freed.
     Allocations over 32 MiB are mmap'd by default and unmapped on free, so every step page-faults
     (and zero-fills) its activations again: measured ~1/3 of a d=512, 16k-token MLP
-    forward+backward spent in the kernel (dev/LOG.md, issue 6). With mmap off and a high trim
+    forward+backward spent in the kernel (dev/LOG.md). With mmap off and a high trim
     threshold, freed blocks stay in the heap and the next step reuses them. The cost: the
     process keeps its peak heap. No-op off Linux/glibc or on GPUs (CUDA has a caching
     allocator). Returns True when applied."""

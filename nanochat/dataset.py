@@ -27,18 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat.common import UserError, get_base_dir, atomic_write, atomic_write_json
+from nanochat.common import UserError, atomic_write, atomic_write_json
 
 # Karpathy's reshuffled FineWeb-Edu 100B: shards 0..1822, ~250M characters each.
 DEFAULT_FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-MAX_FINEWEB_SHARD = 1822
 
 SOURCE_EXTS = (".txt", ".jsonl", ".parquet")
-
-
-def default_data_dir():
-    """Where downloaded shards go unless told otherwise."""
-    return os.path.join(get_base_dir(), "base_data")
 
 
 def shard_name(index):

@@ -160,7 +160,7 @@ def capacity_slots(expert_ids, order, offsets, capacity):
 
 
 def _grouped_mm_ok(x, w):
-    """Can torch's grouped_mm run these operands here? Measured on torch 2.13 (shared/FACTS.md):
+    """Can torch's grouped_mm run these operands here? Measured on torch 2.13 (CPU, dev/LOG.md):
     on CPU it runs fp32/bf16 eagerly but needs 16-byte aligned row strides; under
     torch.compile its meta kernel only accepts bf16; on CUDA it needs bf16 and sm80+."""
     if not hasattr(F, "grouped_mm"):

@@ -164,13 +164,6 @@ class Tokenizer:
     def get_bos_token_id(self):
         return self.bos_token_id
 
-    def get_special_tokens(self):
-        return dict(self.special_tokens)
-
-    def encode_special(self, text):
-        """The id of a special token, e.g. encode_special('<|bos|>')."""
-        return self.special_tokens[text]
-
     def encode(self, text, prepend_bos=False, num_threads=8):
         """str -> list[int], or list[str] -> list[list[int]] (encoded in parallel).
         Special-token text inside documents (a literal '<|bos|>') is encoded as ordinary

@@ -3,19 +3,21 @@ Does the MoE's wall clock follow its FLOPs? Forward+backward of one FFN layer (d
 our MoE at iso-FLOPs, a fine-grained MoE, the naive per-expert mask loop) over several widths
 and token counts, plus a whole-model training step dense vs MoE at iso-FLOPs.
 
-    python -m scripts.bench_moe                        # CPU, fp32, the full grid (~5 min on 2 cores)
-    python -m scripts.bench_moe --widths 512 --tokens 16384 --repeats 7
+    python -m scripts.bench_moe                        # CPU, fp32, default grid (< 5 min, < 8 GB on 2 cores)
+    python -m scripts.bench_moe --widths 256,512,1024 --step-seq-len 1024   # bigger (prints the memory it needs)
     python -m scripts.bench_moe --dtype bf16 --compile on   # on a GPU: bf16, compiled
 
 Method: all cases live in one process and are timed round-robin (repeat r of every case, then
 repeat r+1 ...), so a slow patch of the machine hits every case alike; one untimed warm-up
-round first; the median over repeats is reported. Routing uses a random (not zero-initialised)
+round first. Every ratio (MoE / dense, naive / ours) is taken per repeat, between cases timed
+side by side, and reported as min / median / max over the repeats. Routing uses a random (not zero-initialised)
 gate so tokens spread over the experts as in a trained model. Memory is the activation memory
 autograd keeps for the backward pass (saved tensors, each storage counted once); on CUDA also
 the peak allocated during forward+backward.
 
-The last line is JSON (contract, ../shared/DESIGN.md): moe_over_dense_layer,
-moe_over_dense_step, naive_over_grouped (the d=512, 16k-token case, or the closest measured).
+The last line is JSON (a stable interface for scripts): moe_over_dense_layer,
+moe_over_dense_step, naive_over_grouped (medians; the layer ratios at the d=512, 16k-token case,
+or the closest measured), each also as *_range [min, max].
 """
 
 import json
@@ -36,9 +38,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def parse_args(argv=None):
     p = ArgumentParser(description="MoE vs dense speed and memory at iso-FLOPs")
-    p.add_argument("--widths", default="256,512,1024", help="comma-separated model widths d")
+    p.add_argument("--widths", default="256,512", help="comma-separated model widths d")
     p.add_argument("--tokens", default="4096,16384", help="comma-separated tokens per forward")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per case (median reported)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per case (ratios: min / median / max)")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="parameter/activation dtype")
     p.add_argument("--device-type", default="", help="cpu | cuda (empty = autodetect)")
     p.add_argument("--compile", default="off", choices=["on", "off"], help="torch.compile every layer/model")
@@ -46,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--step-only", action="store_true", help="skip the per-layer grid, time only the whole-model step")
     p.add_argument("--step-width", type=int, default=512, help="whole-model step: model width (0 = skip the step)")
     p.add_argument("--step-depth", type=int, default=4, help="whole-model step: layers")
-    p.add_argument("--step-seq-len", type=int, default=1024, help="whole-model step: sequence length")
+    p.add_argument("--step-seq-len", type=int, default=512, help="whole-model step: sequence length")
     p.add_argument("--step-rows", type=int, default=16, help="whole-model step: rows per micro-batch")
     p.add_argument("--step-vocab", type=int, default=8192, help="whole-model step: vocabulary size")
     p.add_argument("--total-batch-size", type=int, default=524288,
@@ -92,6 +94,34 @@ def saved_activation_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return sum(seen.values()), out
+
+
+def ratio_stats(num, den):
+    """Per-repeat ratios num[r] / den[r] of two cases timed side by side: (min, median, max)."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return min(ratios), statistics.median(ratios), max(ratios)
+
+
+def fmt_ratio(stats):
+    return f"{stats[1]:.3f} [{stats[0]:.3f}-{stats[2]:.3f}]"
+
+
+def estimate_memory_gib(args, bytes_per_value):
+    """Rough peak memory before running: the whole-model step (weights, grads, optimizer state and
+    activations, as scripts/iso_flops.py estimates them, for dense and MoE alive together) and the
+    largest layer case (the fine-grained MoE saves ~28 activation values per token and width unit;
+    4 layers, an input and its gradient live together; x2 for the allocator's reuse)."""
+    from scripts.iso_flops import memory_estimate, build_meta
+    step = 0
+    if args.step_width:
+        d = args.step_width
+        common = dict(sequence_len=args.step_seq_len, vocab_size=args.step_vocab, n_layer=args.step_depth,
+                      n_head=d // 64, n_kv_head=d // 64, n_embd=d)
+        for cfg in (GPTConfig(**common), GPTConfig(**common, use_moe=True, n_experts=8, expert_topk=2,
+                                                   expert_hidden_mult=iso_flops_expert_mult(2))):
+            step += memory_estimate(build_meta(cfg), args.step_rows * args.step_seq_len, bytes_per_value)["total"]
+    layer = 0 if args.step_only else 2 * 36 * max(args.widths) * max(args.tokens) * bytes_per_value
+    return step / 2**30, layer / 2**30
 
 
 def time_round_robin(cases, repeats, device):
@@ -174,13 +204,13 @@ def bench_layers(d, n_tokens, args, device, dtype):
         step()
     times = time_round_robin(calls, args.repeats, device)
     rows = []
-    dense_t = statistics.median(times["dense"])
     for name in layers:
-        t = statistics.median(times[name])
-        rows.append(dict(d=d, tokens=n_tokens, case=name, ms=1e3 * t, over_dense=t / dense_t,
+        rows.append(dict(d=d, tokens=n_tokens, case=name, ms=1e3 * statistics.median(times[name]),
+                         over_dense=ratio_stats(times[name], times["dense"]),
                          saved_mib=memory[name][0] / 2**20,
                          peak_mib=None if memory[name][1] is None else memory[name][1] / 2**20))
-    return rows
+    naive_over_moe = ratio_stats(times["naive"], times["moe"])
+    return rows, naive_over_moe
 
 
 def bench_step(args, device, dtype):
@@ -231,11 +261,16 @@ def bench_step(args, device, dtype):
                           flops_per_token=model.estimate_flops(), saved_mib=saved / 2**20, state_mib=state_bytes / 2**20)
     times = time_round_robin({**{f"{k}/fwdbwd": f for k, f in fwdbwd.items()},
                               **{f"{k}/optim": f for k, f in opt_step.items()}}, args.repeats, device)
+    step_times = {}
     for name in configs:
         info[name]["fwdbwd_ms"] = 1e3 * statistics.median(times[f"{name}/fwdbwd"])
         info[name]["optim_ms"] = 1e3 * statistics.median(times[f"{name}/optim"])
         info[name]["step_ms"] = info[name]["fwdbwd_ms"] + info[name]["optim_ms"] / accum
-    return info, accum, micro_tokens
+        step_times[name] = [f + o / accum for f, o in zip(times[f"{name}/fwdbwd"], times[f"{name}/optim"])]
+    ratios = dict(step=ratio_stats(step_times["moe"], step_times["dense"]),
+                  fwdbwd=ratio_stats(times["moe/fwdbwd"], times["dense/fwdbwd"]),
+                  optim=ratio_stats(times["moe/optim"], times["dense/optim"]))
+    return info, ratios, accum, micro_tokens
 
 
 def _fmt_mib(v):
@@ -249,12 +284,16 @@ def main(argv=None):
     torch.set_float32_matmul_precision("high")
     heap = keep_freed_memory(args.device_type)
     print0(f"bench_moe: {args.device_type} ({torch.get_num_threads()} threads), {args.dtype}, compile {args.compile}, "
-           f"{args.repeats} repeats (median), torch {torch.__version__}" + (", glibc keeps freed memory" if heap else ""))
+           f"{args.repeats} repeats (ratios: median [min-max] of per-repeat ratios), torch {torch.__version__}"
+           + (", glibc keeps freed memory" if heap else ""))
+    step_gib, layer_gib = estimate_memory_gib(args, 4 if args.dtype == "fp32" else 2)
+    print0(f"memory needed (estimate): whole-model step ~{step_gib:.1f} GiB, largest layer case ~{layer_gib:.1f} GiB"
+           + (" (host RAM)" if device.type == "cpu" else " (GPU)"))
     result = dict(device=args.device_type, dtype=args.dtype, compile=args.compile)
     # The whole-model step runs first, on a fresh heap: measured after the layer grid (GBs
     # allocated and freed at d=1024) it read 1.14 where fresh processes read 0.95-1.02 (dev/LOG.md).
     if args.step_width:
-        info, accum, micro_tokens = bench_step(args, device, dtype)
+        info, ratios, accum, micro_tokens = bench_step(args, device, dtype)
         print0(f"whole-model step: depth {args.step_depth}, width {args.step_width}, {micro_tokens} tokens per micro-batch, "
                f"optimizer every {accum} micro-batches (--total-batch-size {args.total_batch_size})")
         print0(f"{'model':<6} {'params':>8} {'active':>8} {'FLOPs/tok':>10} {'fwd+bwd ms':>11} {'optim ms':>9} {'step ms':>9} "
@@ -263,9 +302,12 @@ def main(argv=None):
             print0(f"{name:<6} {r['params_total'] / 1e6:>7.2f}M {r['params_active'] / 1e6:>7.2f}M {r['flops_per_token']:>10.3e} "
                    f"{r['fwdbwd_ms']:>11.1f} {r['optim_ms']:>9.1f} {r['step_ms']:>9.1f} {r['saved_mib']:>10,.0f} "
                    f"{r['state_mib']:>12,.0f}")
-        result.update(moe_over_dense_step=round(info["moe"]["step_ms"] / info["dense"]["step_ms"], 4),
-                      moe_over_dense_fwdbwd=round(info["moe"]["fwdbwd_ms"] / info["dense"]["fwdbwd_ms"], 4),
-                      moe_over_dense_optim=round(info["moe"]["optim_ms"] / info["dense"]["optim_ms"], 4),
+        print0(f"MoE / dense, median [min-max] over {args.repeats} side-by-side repeats: step {fmt_ratio(ratios['step'])}, "
+               f"fwd+bwd {fmt_ratio(ratios['fwdbwd'])}, optimizer {fmt_ratio(ratios['optim'])}")
+        result.update(moe_over_dense_step=round(ratios["step"][1], 4),
+                      moe_over_dense_step_range=[round(ratios["step"][0], 4), round(ratios["step"][2], 4)],
+                      moe_over_dense_fwdbwd=round(ratios["fwdbwd"][1], 4),
+                      moe_over_dense_optim=round(ratios["optim"][1], 4),
                       step_saved_mib={k: round(v["saved_mib"], 1) for k, v in info.items()},
                       step_state_mib={k: round(v["state_mib"], 1) for k, v in info.items()},
                       step_accum=accum)
@@ -280,22 +322,25 @@ def main(argv=None):
 def bench_layer_grid(args, device, dtype):
     """The per-layer table over widths x token counts; returns the contract numbers of the d=512,
     16k-token case (or the closest measured one)."""
-    rows = []
+    rows, naive = [], {}
     print0(f"\nper layer: forward+backward of one FFN layer on (1, tokens, d) inputs")
-    print0(f"{'d':>5} {'tokens':>7} {'case':<12} {'fwd+bwd ms':>11} {'x dense':>8} {'saved MiB':>10} {'peak MiB':>9}")
+    print0(f"{'d':>5} {'tokens':>7} {'case':<12} {'fwd+bwd ms':>11} {'x dense: median [min-max]':>26} "
+           f"{'saved MiB':>10} {'peak MiB':>9}")
     for d in args.widths:
         for n_tokens in args.tokens:
-            for row in bench_layers(d, n_tokens, args, device, dtype):
+            case_rows, naive[d, n_tokens] = bench_layers(d, n_tokens, args, device, dtype)
+            for row in case_rows:
                 rows.append(row)
-                print0(f"{row['d']:>5} {row['tokens']:>7} {row['case']:<12} {row['ms']:>11.1f} {row['over_dense']:>8.3f} "
-                       f"{_fmt_mib(row['saved_mib']):>10} {_fmt_mib(row['peak_mib']):>9}")
+                print0(f"{row['d']:>5} {row['tokens']:>7} {row['case']:<12} {row['ms']:>11.1f} "
+                       f"{fmt_ratio(row['over_dense']):>26} {_fmt_mib(row['saved_mib']):>10} {_fmt_mib(row['peak_mib']):>9}")
     ref_d = min(args.widths, key=lambda w: abs(w - 512))
     ref_n = min(args.tokens, key=lambda n: abs(n - 16384))
     ref = {r["case"]: r for r in rows if r["d"] == ref_d and r["tokens"] == ref_n}
+    layer, naive_ref, fine = ref["moe"]["over_dense"], naive[ref_d, ref_n], ref[f"moe_fine{args.fine[0]}"]["over_dense"]
     return dict(ref_width=ref_d, ref_tokens=ref_n,
-                moe_over_dense_layer=round(ref["moe"]["ms"] / ref["dense"]["ms"], 4),
-                naive_over_grouped=round(ref["naive"]["ms"] / ref["moe"]["ms"], 4),
-                fine_over_dense_layer=round(ref[f"moe_fine{args.fine[0]}"]["ms"] / ref["dense"]["ms"], 4),
+                moe_over_dense_layer=round(layer[1], 4), moe_over_dense_layer_range=[round(layer[0], 4), round(layer[2], 4)],
+                naive_over_grouped=round(naive_ref[1], 4), naive_over_grouped_range=[round(naive_ref[0], 4), round(naive_ref[2], 4)],
+                fine_over_dense_layer=round(fine[1], 4),
                 layer_saved_mib={k: round(v["saved_mib"], 1) for k, v in ref.items()})
 
 
