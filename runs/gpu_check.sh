@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/gpu_check}"
 STEPS="${STEPS:-60}"
+PY="${PYTHON:-python}"
 
 run() {
     echo "+ $*"
@@ -19,13 +20,13 @@ run() {
 if [ -z "${DRY_RUN:-}" ]; then
     mkdir -p "$OUT"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-    python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+    "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 fi
-run python -m pytest -q tests/test_cuda.py
+run "$PY" -m pytest -q tests/test_cuda.py
 # depth 4, width 512, seq 1024, 32 rows x 1024 = 32k tokens per micro-batch, 2 micro-batches
 T=(--depth 4 --n-embd 512 --head-dim 64 --max-seq-len 1024 --vocab-size 4096 --device-batch-size 32
    --total-batch-size 65536 --num-iterations "$STEPS" --eval-every 30 --eval-tokens 262144 --sample-every -1
    --synthetic-train-docs 40000 --device-type cuda --compile on)
-run python -m scripts.base_train "${T[@]}" --model-tag gpu_dense
-run python -m scripts.base_train "${T[@]}" --use-moe --n-experts 8 --expert-topk 2 --model-tag gpu_moe
-run python -m scripts.bench_moe --step-only --dtype bf16 --device-type cuda --repeats 10
+run "$PY" -m scripts.base_train "${T[@]}" --model-tag gpu_dense
+run "$PY" -m scripts.base_train "${T[@]}" --use-moe --n-experts 8 --expert-topk 2 --model-tag gpu_moe
+run "$PY" -m scripts.bench_moe --step-only --dtype bf16 --device-type cuda --repeats 10

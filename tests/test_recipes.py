@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["runs/runcpu.sh", "runs/tmp_moe.sh", "runs/test.sh", "runs/setup_env.sh", ".ci/run"]
+SCRIPTS = ["runs/runcpu.sh", "runs/tmp_moe.sh", "runs/test.sh", "runs/setup_env.sh", "runs/gpu_check.sh", ".ci/run"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -60,3 +60,12 @@ def test_tmp_moe_dry_run_uses_torchrun_fp8_and_wandb():
     assert "--n-experts 8 --expert-topk 2 --expert-hidden-mult 2" in moe
     assert "scripts.compare" in compare
     assert "--fp8" not in " ".join(dry_run("runs/tmp_moe.sh", FP8="0"))
+
+
+def test_gpu_check_dry_run_runs_cuda_tests_training_and_bench():
+    tests, dense, moe, bench = dry_run("runs/gpu_check.sh", STEPS="10")
+    assert tests == "python -m pytest -q tests/test_cuda.py"
+    for cmd in (dense, moe):
+        assert "--device-type cuda --compile on" in cmd and "--num-iterations 10" in cmd
+    assert "--use-moe" in moe and "--use-moe" not in dense
+    assert bench.startswith("python -m scripts.bench_moe --step-only --dtype bf16 --device-type cuda")
