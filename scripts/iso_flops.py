@@ -6,10 +6,10 @@ Plan an iso-FLOPs comparison: a dense GPT and an MoE with the same training FLOP
 
 Per MoE layer the MoE spends (top-k + shared) x 2·d·h on experts plus E·d on the router,
 where the dense layer spends 2·d·4d on its MLP. Equal FLOPs therefore needs
-h = (8d − E) / (2 (top-k + shared)) (model_args.router_exact_expert_hidden); h is rounded to a
-multiple of --align (kernels want aligned widths), and the remaining mismatch, measured with
-GPT.estimate_flops() of the two built models, is reported. --expert-hidden-mult X plans X
-instead (base_train's default, 0, is 4 / (top-k + shared), which leaves the router's E·d). Prints both configs side by side with params, FLOPs/token, a
+h = (8d − E) / (2 (top-k + shared)) (--router-exact; rounded to a multiple of --align, as
+kernels want aligned widths). By default the planner uses base_train's width, 4d / (top-k +
+shared), which leaves the router's E·d uncompensated (or --expert-hidden-mult X); either way the
+remaining mismatch, measured with GPT.estimate_flops() of the two built models, is reported. Prints both configs side by side with params, FLOPs/token, a
 training-memory estimate, and the base_train flags to use.
 """
 
@@ -19,7 +19,8 @@ import torch
 
 from nanochat.common import UserError, ArgumentParser, run_main, require
 from nanochat.gpt import GPT
-from nanochat.model_args import add_model_args, validate_model_args, model_shape, config_from_args, router_exact_expert_hidden
+from nanochat.model_args import (add_model_args, validate_model_args, model_shape, config_from_args,
+                                 iso_flops_expert_mult, router_exact_expert_hidden)
 
 
 def build_meta(config):
@@ -72,7 +73,9 @@ def main():
     p = ArgumentParser(prog="iso_flops", description="Dense and MoE configs with equal training FLOPs per token.")
     add_model_args(p, planner=True)
     p.add_argument("--vocab-size", type=int, default=65536)
-    p.add_argument("--align", type=int, default=8, help="round the expert width to a multiple of this")
+    p.add_argument("--router-exact", action="store_true",
+                   help="solve for the expert width that also pays for the router's FLOPs, rounded to --align")
+    p.add_argument("--align", type=int, default=8, help="--router-exact: round the expert width to a multiple of this")
     p.add_argument("--device-batch-size", type=int, default=16, help="rows per micro-batch, for the memory estimate")
     p.add_argument("--activation-bytes", type=int, default=2, help="bytes per activation value (2 = bf16 on GPU, 4 = fp32 CPU)")
     args = p.parse_args()
@@ -80,10 +83,11 @@ def main():
     validate_model_args(args)
     require(args.align >= 1, f"--align must be >= 1 (got {args.align})")
     depth, d, _, _, head_dim, seq_len = model_shape(args)
-    if args.expert_hidden_mult:
-        hidden, exact = round(args.expert_hidden_mult * d), args.expert_hidden_mult * d
-    else:
+    if args.router_exact:
         hidden, exact = router_exact_expert_hidden(d, args.n_experts, args.expert_topk, args.n_shared_experts, args.align)
+    else:  # --expert-hidden-mult as given, else base_train's default 4 / (k + s)
+        exact = (args.expert_hidden_mult or iso_flops_expert_mult(args.expert_topk, args.n_shared_experts)) * d
+        hidden = round(exact)
     mult = hidden / d
     dense = build_meta(config_from_args(args, args.vocab_size, use_moe=False))
     moe = build_meta(config_from_args(args, args.vocab_size, expert_hidden_mult=mult))
@@ -99,7 +103,8 @@ def main():
     routed = f"top-{args.expert_topk} of {args.n_experts}" + (f" + {args.n_shared_experts} shared" if args.n_shared_experts else "")
     print(f"width {d}, depth {depth}, seq {seq_len}, vocab {args.vocab_size}; MoE {routed}, "
           f"every {args.moe_freq} layer(s)")
-    print(f"iso-FLOPs expert width: exact {exact:.2f} -> {hidden} (multiple of {args.align}), "
+    how = f"router-exact {exact:.2f} -> {hidden} (multiple of {args.align})" if args.router_exact else f"{hidden}"
+    print(f"iso-FLOPs expert width: {how}, "
           f"--expert-hidden-mult {mult:.6g}; FLOPs mismatch {mismatch:+.3f}%")
     header = ["", "dense", "moe"]
     lines = [

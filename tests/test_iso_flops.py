@@ -59,3 +59,15 @@ def test_memory_estimate_counts_weights_grads_and_optimizer_states():
 def test_bad_input_is_one_line():
     r = subprocess.run([sys.executable, "-m", "scripts.iso_flops", "--n-embd", "100"], capture_output=True, text=True)
     assert r.returncode == 2 and "--head-dim" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_default_width_is_base_trains_and_router_exact_is_the_option():
+    def mult(*extra):
+        r = subprocess.run([sys.executable, "-m", "scripts.iso_flops", "--depth", "2", "--n-embd", "256", "--vocab-size",
+                            "512", "--n-experts", "64", "--expert-topk", "8", *extra], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return float(re.search(r"--expert-hidden-mult ([0-9.]+);", r.stdout).group(1))
+    assert mult() == 4 / 8  # base_train's --expert-hidden-mult 0: 4 / (k + s)
+    # (8 * 256 - 64) / (2 * 8) = 124 -> 128 at --align 8; at --align 4: 124
+    assert mult("--router-exact") == 128 / 256 and mult("--router-exact", "--align", "4") == 124 / 256
+    assert mult("--expert-hidden-mult", "0.75") == 0.75
