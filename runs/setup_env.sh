@@ -50,7 +50,7 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
         "$PYTHON" -m pip install -q torch==2.13.0
     else
         echo "[setup] no NVIDIA GPU: installing the CPU build of torch==2.13.0 ($TORCH_CPU_INDEX)"
-        if ! "$PYTHON" -m pip install -q --retries 1 --timeout 15 --index-url "$TORCH_CPU_INDEX" torch==2.13.0; then
+        if ! "$PYTHON" -m pip install -qq --retries 1 --timeout 15 --index-url "$TORCH_CPU_INDEX" torch==2.13.0; then
             echo "[setup] the CPU index is unreachable: installing torch==2.13.0 from the default index"
             "$PYTHON" -m pip install -q torch==2.13.0
         fi
