@@ -280,6 +280,23 @@ def bench_step(args, device, dtype):
     return info, ratios, accum, micro_tokens
 
 
+def _child_step(args, device, dtype):
+    keep_freed_memory(device.type)
+    torch.set_float32_matmul_precision("high")
+    return bench_step(args, device, dtype)
+
+
+def bench_step_in_child(args, device, dtype):
+    """bench_step in a fresh process: it times on a fresh heap (timed after the layer grid the
+    step read 1.14 where fresh processes read 0.95-1.02, dev/LOG.md), and the memory it holds
+    (glibc keeps a process's peak heap, see keep_freed_memory) is gone before the grid runs, so
+    the benchmark's peak is the larger phase's, not their sum (measured 7.2-7.6 GiB before)."""
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_child_step, args, device, dtype).result()
+
+
 def _fmt_mib(v):
     return "-" if v is None else f"{v:,.0f}"
 
@@ -297,10 +314,9 @@ def main(argv=None):
     print0(f"memory needed (estimate): whole-model step ~{step_gib:.1f} GiB, largest layer case ~{layer_gib:.1f} GiB"
            + (" (host RAM)" if device.type == "cpu" else " (GPU)"))
     result = dict(device=args.device_type, dtype=args.dtype, compile=args.compile)
-    # The whole-model step runs first, on a fresh heap: measured after the layer grid (GBs
-    # allocated and freed at d=1024) it read 1.14 where fresh processes read 0.95-1.02 (dev/LOG.md).
+    # The whole-model step runs in its own process (bench_step_in_child).
     if args.step_width:
-        info, ratios, accum, micro_tokens = bench_step(args, device, dtype)
+        info, ratios, accum, micro_tokens = bench_step_in_child(args, device, dtype)
         print0(f"whole-model step: depth {args.step_depth}, width {args.step_width}, {micro_tokens} tokens per micro-batch, "
                f"optimizer every {accum} micro-batches (--total-batch-size {args.total_batch_size})")
         print0(f"{'model':<6} {'params':>8} {'active':>8} {'FLOPs/tok':>10} {'fwd+bwd ms':>11} {'optim ms':>9} {'step ms':>9} "
