@@ -4,8 +4,9 @@ FP8 training for linear layers via torchao's float8 conversion.
 Dense linears are converted through `fp8_module_filter` (torchao Float8Linear). Not converted:
 - expert weights: stacked (E, out, in) parameters, not nn.Linear modules, so the filter never
   sees them. convert_to_fp8 sets each MoE's `expert_mlp` seam to `expert_mlp_fp8`: torchao's
-  FP8 rowwise *grouped* GEMM, which needs every expert's group of rows to be a multiple of 16: `pad_token_groups` places each group at a 16-aligned start in a
-  buffer of fixed size N*k + 16*E (static shape for torch.compile). An expert with no tokens
+  FP8 rowwise *grouped* GEMM, which needs every expert's group of rows to be a multiple of 16:
+  `pad_token_groups` places each group at a 16-aligned start in a buffer of fixed size
+  N*k + 16*E (static shape for torch.compile). An expert with no tokens
   gets 16 zero rows rather than an empty group, so its scales and weight gradient (zeros) are
   computed like any other's: the failure of earlier FP8 MoE code on idle experts cannot occur;
 - the router: tiny (n_experts x d), and routing decisions are precision-sensitive;
