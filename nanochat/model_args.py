@@ -45,10 +45,15 @@ def add_model_args(p, planner=False):
     p.add_argument("--expert-hidden-mult", type=float, default=0.0,
                    help="expert hidden width / model width; 0 = 4 / (expert-topk + n-shared-experts), iso-FLOPs with the dense 4x MLP")
     if not planner:
-        p.add_argument("--router", default="softmax", choices=["softmax", "sigmoid"], help="router scores (sigmoid: DeepSeek-V3)")
+        # CLI defaults: sigmoid scores balanced by the aux-loss-free bias (DeepSeek-V3), chosen by the
+        # techmix study (dev/LOG.md 2026-11-26): the same loss as softmax + Switch within seed noise,
+        # load CV ~0.1 instead of ~0.5, and faster steps. GPTConfig's own defaults stay softmax / 0.
+        p.add_argument("--router", default="sigmoid", choices=["softmax", "sigmoid"],
+                       help="router scores (sigmoid: DeepSeek-V3; softmax: Switch/GShard, use with --balance-loss-coeff)")
         p.add_argument("--route-scale", type=float, default=1.0, help="scale of the combine weights")
-        p.add_argument("--aux-free-bias", type=float, default=0.0,
-                       help="aux-loss-free balancing: bias update rate per optimizer step (0 = off), e.g. 0.001")
+        p.add_argument("--aux-free-bias", type=float, default=0.01,
+                       help="aux-loss-free balancing: bias update rate per optimizer step (0 = off; default 0.01 balances "
+                            "within ~100 steps)")
         p.add_argument("--capacity-factor", type=float, default=0.0, help="expert capacity factor in training; 0 = dropless")
 
 

@@ -6,8 +6,9 @@
 #   bash runs/runcpu.sh                         # built-in synthetic corpus (exact entropy floor)
 #   DATA=path/to/texts bash runs/runcpu.sh      # your own .txt/.jsonl/.parquet files or shard folder
 #   TARGET_FLOPS=5e13 DEPTH=6 bash runs/runcpu.sh   # bigger / longer
-#   MOE_FLAGS="--router sigmoid --aux-free-bias 0.01 --balance-loss-coeff 0" bash runs/runcpu.sh
+#   MOE_FLAGS="--router softmax --aux-free-bias 0 --balance-loss-coeff 0.01" bash runs/runcpu.sh
 #                                               # extra base_train flags for the MoE run only
+#                                               # (this one: Switch balancing instead of the default aux-free bias)
 #   FRONTIER=0 bash runs/runcpu.sh              # skip the 1.5x dense run (faster; the multiplier
 #                                               # is then read on one dense curve, which flatters the MoE)
 #   DRY_RUN=1 bash runs/runcpu.sh               # print the commands only

@@ -40,6 +40,6 @@ run torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_train -- "${
     --run "$WANDB_RUN" --model-tag "tmp_dense_d${DEPTH}"
 MOE_RUN="dummy"; if [ "$WANDB_RUN" != "dummy" ]; then MOE_RUN="${WANDB_RUN}_moe"; fi
 run torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_train -- "${COMMON[@]}" \
-    --use-moe --n-experts 8 --expert-topk 2 --expert-hidden-mult 2 --balance-loss-coeff 0.01 \
+    --use-moe --n-experts 8 --expert-topk 2 --expert-hidden-mult 2 --router sigmoid --aux-free-bias 0.01 \
     --run "$MOE_RUN" --model-tag "tmp_moe_d${DEPTH}"
 run python -m scripts.compare --runs "tmp_dense_d${DEPTH}" "tmp_moe_d${DEPTH}"

@@ -34,7 +34,9 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="base_train", description="Pretrain a dense or MoE GPT.")
     add_model_args(p)  # shape and MoE flags (nanochat/model_args.py)
     # MoE training
-    p.add_argument("--balance-loss-coeff", type=float, default=0.01, help="weight of each MoE layer's Switch balance loss")
+    p.add_argument("--balance-loss-coeff", type=float, default=0.0,
+                   help="weight of each MoE layer's Switch balance loss (default 0: the aux-free bias balances; "
+                        "Switch: --router softmax --aux-free-bias 0 --balance-loss-coeff 0.01)")
     p.add_argument("--router-z-loss", type=float, default=0.0, help="weight of each MoE layer's router z-loss (ST-MoE), e.g. 0.001")
     p.add_argument("--moe-stats-every", type=int, default=20, help="steps between routing-statistics records")
     # Data
@@ -383,7 +385,7 @@ def train(args, device_type, device, ddp, rank, world_size):
         adamw.step()
         muon.step(active_experts=active_expert_masks(model, expert_loads))
         model.zero_grad(set_to_none=True)
-        if args.aux_free_bias > 0:
+        if args.use_moe and args.aux_free_bias > 0:  # the flag defaults to 0.01; a dense model has no bias
             update_expert_bias(model, args.aux_free_bias, expert_loads)
         loss_means = loss_sums / grad_accum
         if ddp:

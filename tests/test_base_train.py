@@ -92,6 +92,24 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, args, flag):
     assert os.listdir(base) == []
 
 
+def test_cli_moe_defaults_are_the_techmix_studys_choice():
+    """`--use-moe` alone trains the MoE the techmix study chose (dev/LOG.md, 2026-11-26): top-2
+    of 8 at iso-FLOPs width, sigmoid router balanced by the aux-free bias at 0.01 per step, no
+    Switch loss. GPTConfig's own field defaults (a model built in code) stay softmax / no bias."""
+    from nanochat.gpt import GPTConfig
+    from nanochat.model_args import config_from_args
+    from scripts.base_train import parse_args
+    args = parse_args(["--use-moe"])
+    assert args.balance_loss_coeff == 0.0 and args.router_z_loss == 0.0
+    cfg = config_from_args(args, vocab_size=1024)
+    assert (cfg.n_experts, cfg.expert_topk, cfg.expert_hidden_mult) == (8, 2, 2.0)
+    assert (cfg.router, cfg.aux_free_bias, cfg.capacity_factor) == ("sigmoid", 0.01, 0.0)
+    assert (GPTConfig().router, GPTConfig().aux_free_bias) == ("softmax", 0.0)
+    # the Switch recipe the README names still parses to what it says
+    switch = parse_args(["--use-moe", "--router", "softmax", "--aux-free-bias", "0", "--balance-loss-coeff", "0.01"])
+    assert (config_from_args(switch, 1024).router, switch.aux_free_bias, switch.balance_loss_coeff) == ("softmax", 0.0, 0.01)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Tiny dense and MoE models learn; the metrics are consistent with the model
 

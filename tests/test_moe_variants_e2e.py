@@ -13,12 +13,18 @@ from tests.test_base_train import run_train, read_metrics, of_type, TINY, MOE
 # ---------------------------------------------------------------------------------------------
 # 7. End to end: each variant trains; 1 vs 2 processes; resume; bad flags
 
+# Switch balancing spelled out (the CLI defaults are sigmoid + aux-free since the techmix study),
+# so each variant below tests its own feature on the same base as before
+SWITCH = ["--router", "softmax", "--aux-free-bias", "0", "--balance-loss-coeff", "0.01"]
 VARIANTS = {
+    "defaults": [],
     "sigmoid_bias": ["--router", "sigmoid", "--aux-free-bias", "0.001"],
-    "shared": ["--n-shared-experts", "1"],
-    "zloss": ["--router-z-loss", "0.001"],
-    "capacity": ["--capacity-factor", "1.0"],
+    "switch": SWITCH,
+    "shared": SWITCH + ["--n-shared-experts", "1"],
+    "zloss": SWITCH + ["--router-z-loss", "0.001"],
+    "capacity": SWITCH + ["--capacity-factor", "1.0"],
 }
+BIAS_MOVES = ("defaults", "sigmoid_bias")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -31,8 +37,10 @@ def test_variant_trains_and_logs_routing_stats(base_dir, variant):
     header, trains, moes = records[0], of_type(records, "train"), of_type(records, "moe")
     cfg = header["config"]
     assert (cfg["router"], cfg["n_shared_experts"], cfg["aux_free_bias"], cfg["capacity_factor"]) == {
-        "sigmoid_bias": ("sigmoid", 0, 0.001, 0.0), "shared": ("softmax", 1, 0.0, 0.0),
+        "defaults": ("sigmoid", 0, 0.01, 0.0), "sigmoid_bias": ("sigmoid", 0, 0.001, 0.0),
+        "switch": ("softmax", 0, 0.0, 0.0), "shared": ("softmax", 1, 0.0, 0.0),
         "zloss": ("softmax", 0, 0.0, 0.0), "capacity": ("softmax", 0, 0.0, 1.0)}[variant]
+    assert header["args"]["balance_loss_coeff"] == (0.0 if variant in BIAS_MOVES else 0.01)
     assert header["args"]["router_z_loss"] == (0.001 if variant == "zloss" else 0.0)
     if variant == "shared":  # default width 4 / (top-2 + 1 shared): iso-FLOPs with the dense MLP
         hidden = round(4 / 3 * 128)
@@ -65,12 +73,12 @@ def test_variant_trains_and_logs_routing_stats(base_dir, variant):
     if variant == "capacity":
         # capacity = the balanced share: any imbalance of the early routing drops assignments
         assert max(s["dropped"] for s in moes[0]["layers"]) > 0
-    # the biases moved (sigmoid_bias) or stayed zero (the others), and are mean-zero
+    # the biases moved (aux-free: the defaults, sigmoid_bias) or stayed zero (the others), and are mean-zero
     w = load_file(str(base_dir / "runs" / tag / "checkpoints" / f"step_{steps:06d}" / "model.safetensors"))
     biases = [w[f"transformer.h.{i}.mlp.expert_bias"] for i in range(2)]
     for b in biases:
         assert abs(b.mean().item()) < 1e-6
-        assert (b.abs().sum() > 0) == (variant == "sigmoid_bias")
+        assert (b.abs().sum() > 0) == (variant in BIAS_MOVES)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")

@@ -44,9 +44,9 @@ def test_runcpu_dry_run_trains_dense_and_moe_at_the_same_flops():
 
 
 def test_runcpu_moe_flags_reach_only_the_moe_run():
-    dense, moe, _, _ = dry_run("runs/runcpu.sh", MOE_FLAGS="--router sigmoid --aux-free-bias 0.01 --balance-loss-coeff 0")
+    dense, moe, _, _ = dry_run("runs/runcpu.sh", MOE_FLAGS="--router softmax --aux-free-bias 0 --balance-loss-coeff 0.01")
     assert "--router" not in dense
-    assert moe.endswith("--router sigmoid --aux-free-bias 0.01 --balance-loss-coeff 0 --model-tag cpu_moe")
+    assert moe.endswith("--router softmax --aux-free-bias 0 --balance-loss-coeff 0.01 --model-tag cpu_moe")
 
 
 def test_tmp_moe_dry_run_uses_torchrun_fp8_and_wandb():

@@ -1,0 +1,213 @@
+"""
+The techmix study (issue "Does the MoE earn its parameters?"): dense frontiers and MoE
+variants at equal training FLOPs on ../shared/data/text/techmix.jsonl, run in the background,
+resumable, results logged as they arrive.
+
+    python dev/techmix_study.py                     # run every unfinished run, 2 at a time
+    python dev/techmix_study.py --only s_moe8_1e13  # just these (comma-separated)
+    python dev/techmix_study.py --list              # the runs and their commands, nothing run
+    python dev/techmix_study.py --report            # the results table of finished runs
+
+Everything goes to $NANOCHAT_BASE_DIR (default /work/tm here): runs/<tag>/, study/logs/<tag>.log,
+study/results.jsonl (one line per finished run, appended when it finishes) and
+study/results.md (the table, rewritten each time). A finished run (summary in its
+metrics.jsonl) is skipped; an interrupted one restarts from its latest checkpoint
+(--save-every), so killing the driver loses at most a few minutes per run.
+
+Each run uses one thread (OMP_NUM_THREADS=1) and --jobs runs share the machine, so the tok/s
+of all runs are measured under the same load (2 single-thread jobs on our 2-core CPU).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "..", "shared", "data", "text", "techmix.jsonl")
+
+# Shared by every run: a 1024-token vocab (so the embedding does not dominate a small model),
+# 256-token rows, 16k tokens per optimizer step, the first 512k val tokens for every eval.
+COMMON = ["--vocab-size", "1024", "--max-seq-len", "256", "--head-dim", "32", "--total-batch-size", "16384",
+          "--device-batch-size", "64", "--eval-tokens", "524288", "--sample-every", "-1", "--log-every", "50",
+          "--moe-stats-every", "50", "--save-every", "100", "--keep-checkpoints", "1"]
+SMALL = ["--depth", "2", "--n-embd", "64", "--eval-every", "200"]    # 98k non-embedding params
+LARGE = ["--depth", "4", "--n-embd", "128", "--eval-every", "200"]   # 786k non-embedding params
+# Every routing flag spelled out, so the runs do not depend on the CLI defaults (which this
+# study changed: sigmoid + aux-free since 2026-11-26; softmax + Switch 0.01 before).
+SWITCH = ["--router", "softmax", "--aux-free-bias", "0", "--balance-loss-coeff", "0.01"]
+AUXFREE = ["--router", "sigmoid", "--aux-free-bias", "0.01", "--balance-loss-coeff", "0"]
+MOE8 = ["--use-moe", "--n-experts", "8", "--expert-topk", "2"] + SWITCH   # top-2 of 8, width 2d (iso-FLOPs)
+MOE32 = ["--use-moe", "--n-experts", "32", "--expert-topk", "2"] + SWITCH
+FINE64 = ["--use-moe", "--n-experts", "64", "--expert-topk", "8"] + SWITCH  # width 4/8 = d/2
+MOE8_AF = ["--use-moe", "--n-experts", "8", "--expert-topk", "2"] + AUXFREE
+MOE32_AF = ["--use-moe", "--n-experts", "32", "--expert-topk", "2"] + AUXFREE
+
+
+def flops_tag(f):
+    return f"{f:g}".replace("e+", "e")  # 5.5e13
+
+
+def runs():
+    """(tag, flags) in the order they are run: what answers the question first."""
+    out = []
+    def add(prefix, shape, extra, flops, seed=42):
+        tag = f"{prefix}_{flops_tag(flops)}" + (f"_seed{seed}" if seed != 42 else "")
+        out.append((tag, shape + extra + ["--target-flops", f"{flops:g}", "--seed", str(seed)]))
+    # small model: dense frontier 2.5e12 .. 4e13 (18 .. 300 tokens per non-embedding parameter)
+    for f in (5e12, 1e13, 2e13):
+        add("s_dense", SMALL, [], f)
+    add("s_moe8", SMALL, MOE8, 1e13)
+    add("s_dense", SMALL, [], 4e13)
+    add("s_moe8_af", SMALL, MOE8_AF, 1e13)
+    add("s_moe32", SMALL, MOE32, 1e13)
+    add("s_fine64", SMALL, FINE64, 1e13)
+    # larger model at ~10 tokens per non-embedding parameter (longest runs first: 2 slots)
+    add("l_dense", LARGE, [], 8e13)
+    add("l_moe8", LARGE, MOE8, 5.5e13)
+    add("l_dense", LARGE, [], 5.5e13)
+    # second seed of the headline pairs
+    add("s_moe8_af", SMALL, MOE8_AF, 1e13, seed=43)
+    add("s_dense", SMALL, [], 1e13, seed=43)
+    add("s_moe8", SMALL, MOE8, 1e13, seed=43)
+    # the ceiling of the MoE's parameters: all 8 experts on every token (a 16d-wide FFN, 4.3x the
+    # FFN FLOPs) for the tokens of the 1e13 runs. No top-2 of these 8 experts can beat it per token.
+    out.append(("s_all8_443steps", SMALL + ["--use-moe", "--n-experts", "8"] + SWITCH + ["--expert-topk", "8", "--expert-hidden-mult", "2",
+                                                   "--num-iterations", "443", "--seed", "42"]))
+    # seed 43 put the aux-free MoE 0.016 bpb *behind* dense (seed 42: 0.023 ahead): a third seed
+    add("s_dense", SMALL, [], 1e13, seed=44)
+    add("s_moe8_af", SMALL, MOE8_AF, 1e13, seed=44)
+    add("s_moe8", SMALL, MOE8, 1e13, seed=44)
+    # the same ceiling at the tokens of the 2e13 runs: does FFN capacity pay more with more tokens?
+    # (this one ran with sigmoid + aux-free weights: the CLI defaults had just changed)
+    out.append(("s_all8_887steps", SMALL + ["--use-moe", "--n-experts", "8"] + AUXFREE + ["--expert-topk", "8", "--expert-hidden-mult", "2",
+                                                   "--num-iterations", "887", "--seed", "42"]))
+    # the MoE at other budgets (does it gain more with more tokens per parameter?)
+    add("s_moe8_af", SMALL, MOE8_AF, 2e13)
+    add("s_moe8_af", SMALL, MOE8_AF, 5e12)
+    add("s_moe32_af", SMALL, MOE32_AF, 1e13)
+    add("s_dense", SMALL, [], 2.5e12)
+    # the aux-free MoE at 2e13 read 1.28: a second seed of that pair, and Switch there
+    add("s_moe8_af", SMALL, MOE8_AF, 2e13, seed=43)
+    add("s_dense", SMALL, [], 2e13, seed=43)
+    add("s_moe8", SMALL, MOE8, 2e13)
+    return out
+
+
+def base_dir():
+    return os.environ.get("NANOCHAT_BASE_DIR", "/work/tm")
+
+
+def summary_of(tag):
+    path = os.path.join(base_dir(), "runs", tag, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None, None
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    summary = next((r for r in reversed(records) if r.get("type") == "summary"), None)
+    moe = next((r for r in reversed(records) if r.get("type") == "moe"), None)
+    return summary, moe
+
+
+def has_checkpoint(tag):
+    folder = os.path.join(base_dir(), "runs", tag, "checkpoints")
+    return os.path.isdir(folder) and any(d.startswith("step_") for d in os.listdir(folder))
+
+
+def command(tag, flags):
+    cmd = [sys.executable, "-m", "scripts.base_train", "--data", DATA, *COMMON, *flags, "--model-tag", tag]
+    if has_checkpoint(tag):
+        cmd += ["--resume-from-step", "latest"]
+    return cmd
+
+
+def result_line(tag, flags, summary, moe):
+    n_embd = int(flags[flags.index("--n-embd") + 1])
+    non_embedding = summary["active_total"] - 2 * 1024 * n_embd  # token embedding + lm_head
+    cv = [round(layer["cv"], 3) for layer in moe["layers"]] if moe else None
+    return dict(tag=tag, flags=" ".join(flags), flops=summary["flops"], tokens=summary["tokens"],
+                epochs=summary["epochs"], final_val_bpb=summary["final_val_bpb"], tok_per_sec=summary["tok_per_sec"],
+                total=summary["total"], active=summary["active_total"],
+                tokens_per_active_nonembedding_param=summary["tokens"] / non_embedding, load_cv=cv,
+                wall_time=summary["wall_time"])
+
+
+def write_report():
+    """The table of every finished run of the study, rebuilt from the run folders (so runs
+    finished by an earlier or interrupted driver are in it too)."""
+    lines = ["| run | FLOPs | tokens | tokens / non-emb param | epochs | final val bpb | tok/s | load CV (per layer) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for tag, flags in runs():
+        summary, moe = summary_of(tag)
+        if summary is None:
+            continue
+        r = result_line(tag, flags, summary, moe)
+        cv = "–" if not r["load_cv"] else " / ".join(f"{c:.2f}" for c in r["load_cv"])
+        lines.append(f"| {r['tag']} | {r['flops']:.3e} | {r['tokens']:,} | {r['tokens_per_active_nonembedding_param']:.0f} "
+                     f"| {r['epochs']:.2f} | {r['final_val_bpb']:.4f} | {r['tok_per_sec']:,.0f} | {cv} |")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.join(base_dir(), "study"), exist_ok=True)
+    with open(os.path.join(base_dir(), "study", "results.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (each on one thread)")
+    p.add_argument("--only", default="", help="comma-separated tags to run")
+    p.add_argument("--list", action="store_true", help="print the runs and their commands")
+    p.add_argument("--report", action="store_true", help="print the results table")
+    args = p.parse_args()
+    todo = runs()
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = set(wanted) - {t for t, _ in todo}
+        if unknown:
+            sys.exit(f"techmix_study: error: --only: unknown run(s) {sorted(unknown)}")
+        todo = [(t, f) for t, f in todo if t in wanted]
+    if args.list:
+        for tag, flags in todo:
+            print(f"{tag}: {' '.join(command(tag, flags))}")
+        return
+    if args.report:
+        print(write_report(), end="")
+        return
+    if not os.path.exists(DATA):
+        sys.exit(f"techmix_study: error: {DATA} not found (the study needs ../shared beside the checkout)")
+    logs = os.path.join(base_dir(), "study", "logs")
+    os.makedirs(logs, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_BASE_DIR": base_dir()}
+    pending = [(t, f) for t, f in todo if summary_of(t)[0] is None]
+    print(f"{len(todo) - len(pending)} run(s) finished already, {len(pending)} to go, {args.jobs} at a time", flush=True)
+    running = {}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            tag, flags = pending.pop(0)
+            cmd = command(tag, flags)
+            print(f"[{time.strftime('%H:%M:%S')}] start {tag}: {' '.join(cmd[1:])}", flush=True)
+            log = open(os.path.join(logs, f"{tag}.log"), "a")
+            running[tag] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), flags, log)
+        time.sleep(5)
+        for tag in list(running):
+            proc, flags, log = running[tag]
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[tag]
+            summary, moe = summary_of(tag)
+            if proc.returncode != 0 or summary is None:
+                print(f"[{time.strftime('%H:%M:%S')}] FAILED {tag} (exit {proc.returncode}); see {logs}/{tag}.log", flush=True)
+                continue
+            line = result_line(tag, flags, summary, moe)
+            with open(os.path.join(base_dir(), "study", "results.jsonl"), "a") as f:
+                f.write(json.dumps(line) + "\n")
+            write_report()
+            print(f"[{time.strftime('%H:%M:%S')}] done {tag}: val bpb {line['final_val_bpb']:.4f}, "
+                  f"{line['tokens']:,} tokens, {line['epochs']:.2f} epochs, {line['tok_per_sec']:,.0f} tok/s, "
+                  f"load CV {line['load_cv']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""dev/techmix_study.py: the study's run list says what each run is, whatever the CLI defaults
+(a run queued with bare --use-moe silently changed meaning when the defaults changed)."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("techmix_study", os.path.join(ROOT, "dev", "techmix_study.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flag(flags, name):
+    return flags[len(flags) - 1 - flags[::-1].index(name) + 1]  # the last occurrence wins, as in argparse
+
+
+def test_every_moe_run_spells_out_its_routing_and_tags_are_unique():
+    study = load_study()
+    runs = study.runs()
+    tags = [t for t, _ in runs]
+    assert len(tags) == len(set(tags))
+    for tag, flags in runs:
+        assert ("--target-flops" in flags) != ("--num-iterations" in flags), tag  # exactly one length
+        if "--use-moe" not in flags:
+            continue
+        for name in ("--n-experts", "--expert-topk", "--router", "--aux-free-bias", "--balance-loss-coeff"):
+            assert name in flags, (tag, name)
+        aux_free = "_af" in tag
+        if aux_free:
+            assert (flag(flags, "--router"), flag(flags, "--aux-free-bias"), flag(flags, "--balance-loss-coeff")) == (
+                "sigmoid", "0.01", "0"), tag
+
+
+@pytest.mark.parametrize("f,tag", [(5e12, "5e12"), (2.5e12, "2.5e12"), (1e13, "1e13"), (5.5e13, "5.5e13")])
+def test_flops_tags(f, tag):
+    assert load_study().flops_tag(f) == tag
+
+
+def test_result_line_counts_tokens_per_non_embedding_parameter():
+    study = load_study()
+    flags = study.SMALL + ["--target-flops", "1e13"]
+    summary = dict(flops=1e13, tokens=7_258_112, epochs=0.19, final_val_bpb=2.7, tok_per_sec=3e4, total=229_376,
+                   active_total=229_376, wall_time=1.0)
+    line = study.result_line("s_dense_1e13", flags, summary, None)
+    # width 64, vocab 1024: 2 x 1024 x 64 embedding + head; 2 layers x 12 d^2 = 98,304 non-embedding
+    assert line["tokens_per_active_nonembedding_param"] == pytest.approx(7_258_112 / 98_304)
+    assert line["load_cv"] is None
