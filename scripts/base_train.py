@@ -11,6 +11,7 @@ Everything a run writes goes to $NANOCHAT_BASE_DIR/runs/<model-tag>/ (metrics.js
 config.json, checkpoints/).
 """
 
+import json
 import math
 import os
 import sys
@@ -148,9 +149,22 @@ def prepare_data(args, rank, ddp):
         elif built:
             print0(f"Using shards built earlier from {args.data} in {data_dir} (delete that folder to rebuild)")
         dataset.list_shards(data_dir)  # fails with a clear line when the folder is unusable
-        if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
+        config_path = os.path.join(tokenizer_dir, "tokenizer.json")
+        if not os.path.exists(config_path):
             print0(f"No tokenizer for this data yet: training one (vocab {args.vocab_size}) into {tokenizer_dir} ...")
             tok.train_tokenizer(data_dir, tokenizer_dir, args.vocab_size)
+        else:
+            # a tokenizer belongs to its corpus, not to a run: say so when --vocab-size asks for another
+            # size, rather than let a model be sized for a vocab it does not get
+            try:
+                with open(config_path) as f:
+                    existing = json.load(f).get("vocab_size")
+            except (OSError, ValueError):
+                existing = None  # a broken tokenizer.json gets its own clear error when it is loaded
+            if existing is not None and existing != args.vocab_size:
+                print0(f"Note: using the tokenizer trained earlier for this data (vocab {existing}); --vocab-size "
+                       f"{args.vocab_size} only applies when one is trained: delete {tokenizer_dir} to retrain, "
+                       f"or use another NANOCHAT_BASE_DIR")
     if ddp:
         dist.barrier()
     return data_dir, tokenizer_dir

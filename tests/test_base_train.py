@@ -110,6 +110,18 @@ def test_cli_moe_defaults_are_the_techmix_studys_choice():
     assert (config_from_args(switch, 1024).router, switch.aux_free_bias, switch.balance_loss_coeff) == ("softmax", 0.0, 0.01)
 
 
+def test_existing_tokenizer_with_another_vocab_is_used_and_said(base_dir):
+    """A tokenizer belongs to its corpus: --vocab-size does not retrain it, and the run says so
+    (the model is sized for the vocab it gets, which the header records)."""
+    p = run_train(base_dir, TINY + ["--vocab-size", "2048", "--num-iterations", "1", "--eval-every", "-1",
+                                    "--model-tag", "other_vocab"])
+    note = [line for line in p.stdout.splitlines() if line.startswith("Note: using the tokenizer trained earlier")]
+    assert len(note) == 1 and "(vocab 1024)" in note[0] and "--vocab-size 2048" in note[0], p.stdout[-2000:]
+    assert read_metrics(base_dir, "other_vocab")[0]["config"]["vocab_size"] == V
+    p = run_train(base_dir, TINY + ["--num-iterations", "1", "--eval-every", "-1", "--model-tag", "same_vocab"])
+    assert "Note: using the tokenizer" not in p.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Tiny dense and MoE models learn; the metrics are consistent with the model
 
