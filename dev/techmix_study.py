@@ -25,6 +25,9 @@ import subprocess
 import sys
 import time
 
+from nanochat.checkpoint import complete_steps
+from nanochat.common import read_metrics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "..", "shared", "data", "text", "techmix.jsonl")
 
@@ -100,31 +103,23 @@ def base_dir():
     return os.environ.get("NANOCHAT_BASE_DIR", "/work/tm")
 
 
-def summary_of(tag):
+def records_of(tag):
+    """(header, summary, last moe record) of a run; summary is None until it has finished."""
     path = os.path.join(base_dir(), "runs", tag, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None, None
-    records = [json.loads(line) for line in open(path) if line.strip()]
-    summary = next((r for r in reversed(records) if r.get("type") == "summary"), None)
-    moe = next((r for r in reversed(records) if r.get("type") == "moe"), None)
-    return summary, moe
-
-
-def has_checkpoint(tag):
-    folder = os.path.join(base_dir(), "runs", tag, "checkpoints")
-    return os.path.isdir(folder) and any(d.startswith("step_") for d in os.listdir(folder))
+    records = read_metrics(path) if os.path.exists(path) else []
+    last = lambda kind: next((r for r in reversed(records) if r.get("type") == kind), None)
+    return last("header"), last("summary"), last("moe")
 
 
 def command(tag, flags):
     cmd = [sys.executable, "-m", "scripts.base_train", "--data", DATA, *COMMON, *flags, "--model-tag", tag]
-    if has_checkpoint(tag):
+    if complete_steps(os.path.join(base_dir(), "runs", tag, "checkpoints")):
         cmd += ["--resume-from-step", "latest"]
     return cmd
 
 
-def result_line(tag, flags, summary, moe):
-    n_embd = int(flags[flags.index("--n-embd") + 1])
-    non_embedding = summary["active_total"] - 2 * 1024 * n_embd  # token embedding + lm_head
+def result_line(tag, flags, header, summary, moe):
+    non_embedding = summary["active_total"] - header["params"]["wte"] - header["params"]["lm_head"]
     cv = [round(layer["cv"], 3) for layer in moe["layers"]] if moe else None
     return dict(tag=tag, flags=" ".join(flags), flops=summary["flops"], tokens=summary["tokens"],
                 epochs=summary["epochs"], final_val_bpb=summary["final_val_bpb"], tok_per_sec=summary["tok_per_sec"],
@@ -139,10 +134,10 @@ def write_report():
     lines = ["| run | FLOPs | tokens | tokens / non-emb param | epochs | final val bpb | tok/s | load CV (per layer) |",
              "|---|---|---|---|---|---|---|---|"]
     for tag, flags in runs():
-        summary, moe = summary_of(tag)
+        header, summary, moe = records_of(tag)
         if summary is None:
             continue
-        r = result_line(tag, flags, summary, moe)
+        r = result_line(tag, flags, header, summary, moe)
         cv = "–" if not r["load_cv"] else " / ".join(f"{c:.2f}" for c in r["load_cv"])
         lines.append(f"| {r['tag']} | {r['flops']:.3e} | {r['tokens']:,} | {r['tokens_per_active_nonembedding_param']:.0f} "
                      f"| {r['epochs']:.2f} | {r['final_val_bpb']:.4f} | {r['tok_per_sec']:,.0f} | {cv} |")
@@ -179,7 +174,7 @@ def main():
     logs = os.path.join(base_dir(), "study", "logs")
     os.makedirs(logs, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_BASE_DIR": base_dir()}
-    pending = [(t, f) for t, f in todo if summary_of(t)[0] is None]
+    pending = [(t, f) for t, f in todo if records_of(t)[1] is None]
     print(f"{len(todo) - len(pending)} run(s) finished already, {len(pending)} to go, {args.jobs} at a time", flush=True)
     running = {}
     while pending or running:
@@ -196,11 +191,11 @@ def main():
                 continue
             log.close()
             del running[tag]
-            summary, moe = summary_of(tag)
+            header, summary, moe = records_of(tag)
             if proc.returncode != 0 or summary is None:
                 print(f"[{time.strftime('%H:%M:%S')}] FAILED {tag} (exit {proc.returncode}); see {logs}/{tag}.log", flush=True)
                 continue
-            line = result_line(tag, flags, summary, moe)
+            line = result_line(tag, flags, header, summary, moe)
             with open(os.path.join(base_dir(), "study", "results.jsonl"), "a") as f:
                 f.write(json.dumps(line) + "\n")
             write_report()

@@ -11,7 +11,6 @@ Everything a run writes goes to $NANOCHAT_BASE_DIR/runs/<model-tag>/ (metrics.js
 config.json, checkpoints/).
 """
 
-import json
 import math
 import os
 import sys
@@ -149,22 +148,9 @@ def prepare_data(args, rank, ddp):
         elif built:
             print0(f"Using shards built earlier from {args.data} in {data_dir} (delete that folder to rebuild)")
         dataset.list_shards(data_dir)  # fails with a clear line when the folder is unusable
-        config_path = os.path.join(tokenizer_dir, "tokenizer.json")
-        if not os.path.exists(config_path):
+        if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
             print0(f"No tokenizer for this data yet: training one (vocab {args.vocab_size}) into {tokenizer_dir} ...")
             tok.train_tokenizer(data_dir, tokenizer_dir, args.vocab_size)
-        else:
-            # a tokenizer belongs to its corpus, not to a run: say so when --vocab-size asks for another
-            # size, rather than let a model be sized for a vocab it does not get
-            try:
-                with open(config_path) as f:
-                    existing = json.load(f).get("vocab_size")
-            except (OSError, ValueError):
-                existing = None  # a broken tokenizer.json gets its own clear error when it is loaded
-            if existing is not None and existing != args.vocab_size:
-                print0(f"Note: using the tokenizer trained earlier for this data (vocab {existing}); --vocab-size "
-                       f"{args.vocab_size} only applies when one is trained: delete {tokenizer_dir} to retrain, "
-                       f"or use another NANOCHAT_BASE_DIR")
     if ddp:
         dist.barrier()
     return data_dir, tokenizer_dir
@@ -249,6 +235,12 @@ def train(args, device_type, device, ddp, rank, world_size):
     data_dir, tokenizer_dir = prepare_data(args, rank, ddp)
     tokenizer = get_tokenizer(tokenizer_dir)
     print0(f"Data: {data_dir} | tokenizer: {tokenizer_dir} (vocab {tokenizer.get_vocab_size():,})")
+    if tokenizer.get_vocab_size() != args.vocab_size:
+        # a tokenizer belongs to its corpus, not to a run: one trained earlier is used whatever
+        # --vocab-size says, so say so rather than let the model be sized silently for another vocab
+        print0(f"Note: using the tokenizer trained earlier for this data (vocab {tokenizer.get_vocab_size()}); "
+               f"--vocab-size {args.vocab_size} only applies when one is trained: delete {tokenizer_dir} to retrain, "
+               f"or use another NANOCHAT_BASE_DIR")
     token_bytes = load_token_bytes(tokenizer_dir, device=device)
     shards = list_shards(data_dir)
     train_shards, val_shards = split_shards(shards, "train"), split_shards(shards, "val")
@@ -399,8 +391,8 @@ def train(args, device_type, device, ddp, rank, world_size):
         adamw.step()
         muon.step(active_experts=active_expert_masks(model, expert_loads))
         model.zero_grad(set_to_none=True)
-        if args.use_moe and args.aux_free_bias > 0:  # the flag defaults to 0.01; a dense model has no bias
-            update_expert_bias(model, args.aux_free_bias, expert_loads)
+        if config.aux_free_bias > 0:  # the model's own rate: 0 for a dense model whatever the flag says
+            update_expert_bias(model, config.aux_free_bias, expert_loads)
         loss_means = loss_sums / grad_accum
         if ddp:
             dist.all_reduce(loss_means)

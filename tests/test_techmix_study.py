@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from scripts.base_train import parse_args
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,10 +16,6 @@ def load_study():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def flag(flags, name):
-    return flags[len(flags) - 1 - flags[::-1].index(name) + 1]  # the last occurrence wins, as in argparse
 
 
 def test_every_moe_run_spells_out_its_routing_and_tags_are_unique():
@@ -31,10 +29,9 @@ def test_every_moe_run_spells_out_its_routing_and_tags_are_unique():
             continue
         for name in ("--n-experts", "--expert-topk", "--router", "--aux-free-bias", "--balance-loss-coeff"):
             assert name in flags, (tag, name)
-        aux_free = "_af" in tag
-        if aux_free:
-            assert (flag(flags, "--router"), flag(flags, "--aux-free-bias"), flag(flags, "--balance-loss-coeff")) == (
-                "sigmoid", "0.01", "0"), tag
+        if "_af" in tag:  # what base_train will make of the flags
+            args = parse_args(study.COMMON + flags)
+            assert (args.router, args.aux_free_bias, args.balance_loss_coeff) == ("sigmoid", 0.01, 0.0), tag
 
 
 @pytest.mark.parametrize("f,tag", [(5e12, "5e12"), (2.5e12, "2.5e12"), (1e13, "1e13"), (5.5e13, "5.5e13")])
@@ -45,9 +42,10 @@ def test_flops_tags(f, tag):
 def test_result_line_counts_tokens_per_non_embedding_parameter():
     study = load_study()
     flags = study.SMALL + ["--target-flops", "1e13"]
+    header = dict(params=dict(wte=1024 * 64, lm_head=1024 * 64))
     summary = dict(flops=1e13, tokens=7_258_112, epochs=0.19, final_val_bpb=2.7, tok_per_sec=3e4, total=229_376,
                    active_total=229_376, wall_time=1.0)
-    line = study.result_line("s_dense_1e13", flags, summary, None)
+    line = study.result_line("s_dense_1e13", flags, header, summary, None)
     # width 64, vocab 1024: 2 x 1024 x 64 embedding + head; 2 layers x 12 d^2 = 98,304 non-embedding
     assert line["tokens_per_active_nonembedding_param"] == pytest.approx(7_258_112 / 98_304)
     assert line["load_cv"] is None
