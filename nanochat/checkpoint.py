@@ -74,8 +74,34 @@ def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, 
         atomic_write_json(os.path.join(d, "meta.json"), meta)
         print0(f"Saved checkpoint {d}")
         if keep > 0:
-            for old in complete_steps(ckpt_dir)[:-keep]:
+            # a checkpoint without optimizer state is a grown model's step 0 (scripts/grow.py):
+            # the phase's starting point, kept like best/
+            trained = [s for s in complete_steps(ckpt_dir) if os.path.exists(os.path.join(_step_dir(ckpt_dir, s), "optim.pt"))]
+            for old in trained[:-keep]:
                 shutil.rmtree(_step_dir(ckpt_dir, old), ignore_errors=True)
+
+
+def save_weights_checkpoint(ckpt_dir, step, model, meta, loader_states):
+    """A checkpoint with no optimizer state (a grown model's step 0: its run starts with a
+    fresh optimizer via base_train --init-from). loader_states: one per rank of the source."""
+    d = _step_dir(ckpt_dir, step)
+    os.makedirs(d, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(os.path.join(d, "model.safetensors"), lambda tmp: save_file(state, tmp))
+    for rank, loader_state in enumerate(loader_states):
+        atomic_write_json(os.path.join(d, f"loader_rank{rank}.json"), loader_state)
+    atomic_write_json(os.path.join(d, "meta.json"), meta)
+    return d
+
+
+def read_loader_states(ckpt_path):
+    """Every rank's saved data-loader position in a checkpoint folder, rank order."""
+    states, rank = [], 0
+    while os.path.exists(path := os.path.join(ckpt_path, f"loader_rank{rank}.json")):
+        with open(path) as f:
+            states.append(json.load(f))
+        rank += 1
+    return states
 
 
 def complete_steps(ckpt_dir):
@@ -108,6 +134,9 @@ def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device):
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{meta_path}: corrupted checkpoint metadata ({e})")
+    if optimizers is not None and not os.path.exists(os.path.join(d, "optim.pt")):
+        raise UserError(f"{d} has no optimizer state (a grown model's step 0?): start a run from it with "
+                        f"base_train --init-from, not --resume-from-step")
     path = os.path.join(d, "model.safetensors")
     try:
         state = load_file(path, device=str(device))

@@ -30,7 +30,7 @@ import torch.distributed as dist
 STAT_FIELDS = ("entropy", "tokens", "dropped", "balance_loss", "z_loss", "forwards")
 
 
-def route(x, gate_weight, topk, router="softmax", bias=None, route_scale=1.0):
+def route(x, gate_weight, topk, router="softmax", bias=None, route_scale=1.0, expert_ids=None):
     """x: (N, d), gate_weight: (E, d). Returns
     weights (N, k) fp32: how much each chosen expert's output counts (sum = route_scale; for
                          top-1 the raw score times route_scale, as in Switch),
@@ -38,6 +38,8 @@ def route(x, gate_weight, topk, router="softmax", bias=None, route_scale=1.0):
     probs (N, E) fp32:   each token's normalised affinity to every expert (for balance/entropy),
     logits (N, E) fp32:  for the z-loss.
     `bias` (E,) shifts only which experts are chosen, never the weights (aux-free balancing).
+    `expert_ids` (N, k), when given, are used instead of choosing: growth verification forces a
+    grown model to make its source's choices (nanochat/grow.py), since rounding can flip a tie.
     Router math is fp32 even inside a bf16 autocast region: near-equal logits are where low
     precision flips top-k choices (measured: 0.38% of 16k tokens changed their top-2 of 8 under
     CPU bf16 autocast, dev/LOG.md). Casting the operands is not enough, linear is on autocast's
@@ -52,7 +54,8 @@ def route(x, gate_weight, topk, router="softmax", bias=None, route_scale=1.0):
         else:
             scores = probs = torch.softmax(logits, dim=-1)
         choice = scores if bias is None else scores + bias.float()
-        expert_ids = torch.topk(choice, topk, dim=-1).indices
+        if expert_ids is None:
+            expert_ids = torch.topk(choice, topk, dim=-1).indices
         chosen = scores.gather(1, expert_ids)
         if topk == 1:
             weights = chosen  # renormalising one weight gives 1 and the gate would get no gradient
@@ -254,6 +257,8 @@ class MoE(nn.Module):
         # each optimizer step (update_expert_bias), saved with the weights (persistent buffer).
         self.register_buffer("expert_bias", torch.zeros(config.n_experts), persistent=True)
         self.use_bias = config.aux_free_bias > 0
+        # Verification only (nanochat/grow.py): (B*T, k) expert ids to use instead of choosing.
+        self.forced_expert_ids = None
         # The dropless experts' computation, (x_sorted, w_fc, w_proj, offsets) -> y_sorted: a seam
         # that another implementation can take over (nanochat.fp8.convert_to_fp8 puts the FP8
         # grouped GEMM here), so this module needs to know nothing about it.
@@ -302,7 +307,8 @@ class MoE(nn.Module):
         x_flat = x.reshape(B * T, d)
         n_tokens = B * T
         weights, expert_ids, probs, logits = route(x_flat, self.router.weight, self.topk, self.router_kind,
-                                                   self.expert_bias if self.use_bias else None, self.route_scale)
+                                                   self.expert_bias if self.use_bias else None, self.route_scale,
+                                                   self.forced_expert_ids)
         # Capacity is a training-time device (it regularises and bounds memory); evaluation and
         # inference are dropless, so a sequence's output never depends on its batch mates.
         use_capacity = self.capacity_factor > 0 and self.training

@@ -11,6 +11,7 @@ Everything a run writes goes to $NANOCHAT_BASE_DIR/runs/<model-tag>/ (metrics.js
 config.json, checkpoints/).
 """
 
+import argparse
 import math
 import os
 import sys
@@ -30,7 +31,7 @@ from nanochat.report import MetricsLog, peak_memory_mb, finite_or_none, format_e
 DATA_SOURCES = ("synthetic", "fineweb")
 
 
-def parse_args(argv=None):
+def build_parser():
     p = ArgumentParser(prog="base_train", description="Pretrain a dense or MoE GPT.")
     add_model_args(p)  # shape and MoE flags (nanochat/model_args.py)
     # MoE training
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--router-z-loss", type=float, default=0.0, help="weight of each MoE layer's router z-loss (ST-MoE), e.g. 0.001")
     p.add_argument("--moe-stats-every", type=int, default=20, help="steps between routing-statistics records")
     # Data
-    p.add_argument("--data", default="synthetic", help="synthetic | fineweb | PATH (folder of shards, or .txt/.jsonl/.parquet)")
+    p.add_argument("--data", default=None, help="synthetic (default) | fineweb | PATH (folder of shards, or .txt/.jsonl/.parquet)")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocab size when a tokenizer must be trained for --data")
     p.add_argument("--synthetic-train-docs", type=int, default=20000, help="train documents of the built-in corpus")
     p.add_argument("--text-field", default="text", help="--data PATH: the text field of .jsonl / column of .parquet inputs")
@@ -60,7 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr (attention, MLP, experts)")
     p.add_argument("--router-lr", type=float, default=0.004, help="AdamW lr of the MoE routers")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=None,
+                   help="fraction of the steps with a linear LR warm-up (default 0; 0.05 with --init-from: a fresh "
+                        "optimizer at full LR on trained weights spikes)")
     p.add_argument("--warmdown-ratio", type=float, default=0.2)
     p.add_argument("--final-lr-frac", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=42)
@@ -71,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = only at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N step checkpoints (0 = all); best/ is always kept")
     p.add_argument("--resume-from-step", default="", help="resume this run from a saved step (or 'latest')")
+    p.add_argument("--init-from", default="", help="RUN[:STEP]: start from a checkpoint's weights, config, tokenizer and data "
+                                                   "position (a model tag or folder; STEP a number, best or latest), fresh optimizer")
     p.add_argument("--log-every", type=int, default=1, help="steps between step lines")
     p.add_argument("--run", default="dummy", help="wandb run name; 'dummy' = no wandb")
     p.add_argument("--model-tag", default="", help="run folder name under $NANOCHAT_BASE_DIR/runs (default from the config)")
@@ -78,10 +83,91 @@ def parse_args(argv=None):
     p.add_argument("--device-type", default="", help="cpu | cuda | mps (empty = autodetect)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the model (auto = on for CUDA)")
     p.add_argument("--fp8", action="store_true", help="FP8 training of the dense linears (torchao; needs an H100-class GPU)")
+    return p
+
+
+def _argv(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `torchrun ... -m scripts.base_train -- --flags` passes the separator through
         argv = argv[1:]
-    return p.parse_args(argv)
+    return argv
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(_argv(argv))
+    args.data = args.data or "synthetic"
+    if args.warmup_ratio is None:
+        args.warmup_ratio = 0.05 if args.init_from else 0.0
+    return args
+
+
+def explicit_flags(argv=None):
+    """The dests of the flags given on the command line (not defaulted): a parse in which every
+    default is 'absent'."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(_argv(argv))))
+
+
+# Model flags and the GPTConfig field each fixes; with --init-from the checkpoint's config
+# rules, and a flag given with another value is an error. The training-time routing choices
+# (--aux-free-bias, --capacity-factor) may change: they do not change the function at eval.
+INIT_FROM_FIXED = dict(depth="n_layer", n_embd="n_embd", n_kv_head="n_kv_head", max_seq_len="sequence_len",
+                       use_moe="use_moe", n_experts="n_experts", expert_topk="expert_topk", moe_freq="moe_freq",
+                       n_shared_experts="n_shared_experts", expert_hidden_mult="expert_hidden_mult", router="router",
+                       route_scale="route_scale")
+
+
+def resolve_init_from(args, given, world_size):
+    """--init-from RUN[:STEP]: the checkpoint folder, its meta and the config to train, with the
+    model flags in `args` set from it (so the rest of the script reads one set of flags).
+    Raises UserError for a flag that contradicts the checkpoint."""
+    import json
+    from nanochat.checkpoint import checkpoint_for
+    from nanochat.gpt import GPTConfig
+    from nanochat.model_args import iso_flops_expert_mult
+    source, step = args.init_from, "latest"
+    head, sep, tail = source.rpartition(":")
+    if sep and (tail.isdigit() or tail in ("best", "latest")):
+        source, step = head, tail
+    ckpt = checkpoint_for("--init-from", source, step, is_tag=not os.path.exists(source))
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        meta = json.load(f)
+    cfg = dict(meta["config"])
+    require(meta.get("world_size", 1) == world_size,
+            f"--init-from {args.init_from}: saved by {meta.get('world_size', 1)} process(es), this run has {world_size}; "
+            f"the data position is per rank, so start it with the same number")
+    wanted = {name: getattr(args, name) for name in INIT_FROM_FIXED if name in given}
+    if "expert_hidden_mult" in wanted and wanted["expert_hidden_mult"] == 0:
+        wanted["expert_hidden_mult"] = iso_flops_expert_mult(args.expert_topk, args.n_shared_experts)
+    if "head_dim" in given:
+        wanted["head_dim"] = args.head_dim
+    cfg_view = dict(cfg, head_dim=cfg["n_embd"] // cfg["n_head"])
+    for name, value in wanted.items():
+        field_name = INIT_FROM_FIXED.get(name, name)
+        if field_name in cfg_view and value != cfg_view[field_name] and (name != "use_moe" or value):
+            raise UserError(f"--{name.replace('_', '-')} {value} contradicts the --init-from checkpoint's {field_name} "
+                            f"{cfg_view[field_name]} ({ckpt}); drop the flag, or change the shape with scripts.grow")
+    require("aspect_ratio" not in given or "n_embd" in given or args.aspect_ratio * cfg["n_layer"] == cfg["n_embd"],
+            f"--aspect-ratio {getattr(args, 'aspect_ratio', None)} contradicts the --init-from checkpoint's width {cfg['n_embd']}")
+    if cfg["use_moe"]:  # training-time routing choices: the flag when given, else the checkpoint's
+        for name in ("aux_free_bias", "capacity_factor"):
+            if name in given:
+                cfg[name] = getattr(args, name)
+    data = meta.get("args", {}).get("data")
+    require("data" not in given or data is None or args.data == data,
+            f"--data {args.data} contradicts the --init-from checkpoint's data {data!r}: the run continues its data stream")
+    args.data = data or args.data
+    config = GPTConfig(**cfg)
+    # the flags the rest of the script reads, from the config
+    args.depth, args.n_embd, args.n_kv_head, args.max_seq_len = config.n_layer, config.n_embd, config.n_kv_head, config.sequence_len
+    args.head_dim, args.aspect_ratio = config.n_embd // config.n_head, None
+    args.use_moe, args.n_experts, args.expert_topk, args.moe_freq = config.use_moe, config.n_experts, config.expert_topk, config.moe_freq
+    args.n_shared_experts, args.expert_hidden_mult = config.n_shared_experts, config.expert_hidden_mult
+    args.router, args.route_scale = config.router, config.route_scale
+    args.aux_free_bias, args.capacity_factor = config.aux_free_bias, config.capacity_factor
+    return dict(checkpoint=ckpt, meta=meta, config=config)
 
 
 def validate_args(args, world_size):
@@ -210,17 +296,19 @@ class RunState:
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world_size = get_dist_info()
+    init = resolve_init_from(args, explicit_flags(argv), world_size) if args.init_from else None
     device_type = validate_args(args, world_size)
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     if keep_freed_memory(device_type):  # ~1.5x faster CPU steps at d=512 (dev/LOG.md)
         print0("CPU: glibc keeps freed memory in the heap (no page faults on reused activations)")
     try:
-        train(args, device_type, device, ddp, rank, world_size)
+        train(args, device_type, device, ddp, rank, world_size, init)
     finally:
         compute_cleanup()
 
 
-def train(args, device_type, device, ddp, rank, world_size):
+def train(args, device_type, device, ddp, rank, world_size, init=None):
+    """init: resolve_init_from's dict for --init-from (weights, config, tokenizer, data position)."""
     from nanochat.gpt import build_model, describe_params
     from nanochat.optim import setup_optimizers, all_reduce_grads
     from nanochat.tokenizer import get_tokenizer, load_token_bytes
@@ -228,14 +316,19 @@ def train(args, device_type, device, ddp, rank, world_size):
     from nanochat.dataset import list_shards, split_shards, read_entropy_floor
     from nanochat.moe import (update_expert_bias, collect_moe_stats, collect_step_loads, active_expert_masks,
                               format_moe_stats, newly_dead_experts)
-    from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_latest_step, set_rng_state
+    from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_latest_step, set_rng_state, read_loader_states
 
     master = rank == 0
     torch.manual_seed(args.seed)
-    data_dir, tokenizer_dir = prepare_data(args, rank, ddp)
+    if init:  # the source's data and tokenizer, as they are
+        data_dir, tokenizer_dir = init["meta"]["data_dir"], init["meta"]["tokenizer_dir"]
+        for what, path in (("data", data_dir), ("tokenizer", tokenizer_dir)):
+            require(os.path.isdir(path), f"--init-from {args.init_from}: its {what} folder {path} is missing")
+    else:
+        data_dir, tokenizer_dir = prepare_data(args, rank, ddp)
     tokenizer = get_tokenizer(tokenizer_dir)
     print0(f"Data: {data_dir} | tokenizer: {tokenizer_dir} (vocab {tokenizer.get_vocab_size():,})")
-    if tokenizer.get_vocab_size() != args.vocab_size:
+    if tokenizer.get_vocab_size() != args.vocab_size and not init:
         # a tokenizer belongs to its corpus, not to a run: one trained earlier is used whatever
         # --vocab-size says, so say so rather than let the model be sized silently for another vocab
         print0(f"Note: using the tokenizer trained earlier for this data (vocab {tokenizer.get_vocab_size()}); "
@@ -246,8 +339,16 @@ def train(args, device_type, device, ddp, rank, world_size):
     train_shards, val_shards = split_shards(shards, "train"), split_shards(shards, "val")
     entropy_floor = read_entropy_floor(data_dir)
 
-    config = config_from_args(args, tokenizer.get_vocab_size())
+    config = init["config"] if init else config_from_args(args, tokenizer.get_vocab_size())
     model = build_model(config, device)
+    init_flops = 0.0  # FLOPs the weights cost before this run (the --init-from lineage): records are cumulative
+    if init:
+        init_flops = init["meta"].get("flops") or 0.0
+        if not args.resume_from_step:
+            ckpt_parent, ckpt_name = os.path.split(os.path.normpath(init["checkpoint"]))
+            load_checkpoint(ckpt_parent, ckpt_name, model, None, rank, device)
+        print0(f"Initialised from {init['checkpoint']} (step {init['meta']['step']}, val bpb {init['meta'].get('val_bpb')}, "
+               f"{init_flops:.3e} FLOPs before this run); fresh optimizer, LR warm-up {args.warmup_ratio:g} of the steps")
     params = model.num_scaling_params()
     flops_per_token = model.estimate_flops()
     print0(describe_params(model))
@@ -273,6 +374,9 @@ def train(args, device_type, device, ddp, rank, world_size):
     total_tokens = num_iterations * tokens_per_step
     print0(f"Steps: {num_iterations:,} (from {horizon}) x {tokens_per_step:,} tokens = {total_tokens:,} tokens, "
            f"{flops_per_token * total_tokens:.3e} FLOPs; grad accum {grad_accum} x {world_size} process(es)")
+    print0(f"LR: matrix {args.matrix_lr:g}, embedding {args.embedding_lr:g}, unembedding {args.unembedding_lr:g}"
+           + (f", router {args.router_lr:g}" if config.use_moe else "")
+           + f" | warm-up {args.warmup_ratio:g}, warm-down {args.warmdown_ratio:g} of the steps | device {device_type} x {world_size}")
     if entropy_floor is not None:
         print0(f"Entropy floor of the validation data: {entropy_floor:.4f} bits/byte (irreducible)")
 
@@ -292,7 +396,11 @@ def train(args, device_type, device, ddp, rank, world_size):
     model_tag = args.model_tag or (f"d{config.n_layer}" + (f"_moe{args.n_experts}k{args.expert_topk}" if args.use_moe else ""))
     run_dir = os.path.join(get_base_dir(), "runs", model_tag)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    state = RunState()
+    state = RunState(flops=init_flops)
+    if init:
+        loader_states = read_loader_states(init["checkpoint"])
+        require(len(loader_states) > rank, f"--init-from {args.init_from}: no loader_rank{rank}.json in {init['checkpoint']}")
+        state.loader_state = loader_states[rank]  # continue the source's data stream: no token is seen twice
     if args.resume_from_step:
         step_to_load = find_latest_step(ckpt_dir) if args.resume_from_step == "latest" else int(args.resume_from_step)
         meta = load_checkpoint(ckpt_dir, step_to_load, model, optimizers, rank, device)
@@ -301,7 +409,7 @@ def train(args, device_type, device, ddp, rank, world_size):
         if meta.get("world_size", world_size) != world_size:
             raise UserError(f"--resume-from-step: the checkpoint was saved by {meta['world_size']} process(es), this run "
                             f"has {world_size}; resume with the same number (each rank restores its own data position)")
-        state = RunState(step=meta["step"], flops=meta["step"] * flops_per_token * tokens_per_step,
+        state = RunState(step=meta["step"], flops=init_flops + meta["step"] * flops_per_token * tokens_per_step,
                          min_val_bpb=meta.get("min_val_bpb") or float("inf"), smooth_loss=meta.get("smooth_loss", 0.0),
                          loader_state=meta["loader_state"])
         print0(f"Resumed from {ckpt_dir} step {state.step}")
@@ -309,7 +417,9 @@ def train(args, device_type, device, ddp, rank, world_size):
     header = dict(type="header", config=config.to_dict(), args=vars(args), commit=git_commit(), model_tag=model_tag,
                   total=params["total"], active_total=params["active_total"], params=params,
                   flops_per_token=flops_per_token, tokens_per_step=tokens_per_step, num_iterations=num_iterations,
-                  world_size=world_size, device_type=device_type, data_dir=data_dir, entropy_floor=entropy_floor)
+                  world_size=world_size, device_type=device_type, data_dir=data_dir, entropy_floor=entropy_floor,
+                  init_from=init and dict(checkpoint=init["checkpoint"], step=init["meta"]["step"], flops=init_flops,
+                                          val_bpb=init["meta"].get("val_bpb"), grown_from=init["meta"].get("grown_from")))
     metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), master, resume_step=start_step)
     if master:
         os.makedirs(run_dir, exist_ok=True)
@@ -402,7 +512,7 @@ def train(args, device_type, device, ddp, rank, world_size):
             torch.cuda.synchronize()
         dt = time.time() - t0
         state.step = step = step + 1
-        state.flops = step * flops_per_token * tokens_per_step
+        state.flops = init_flops + step * flops_per_token * tokens_per_step
         if not math.isfinite(train_loss):
             raise SystemExit(f"base_train: error: non-finite training loss ({train_loss}) at step {step}; "
                              f"stopping (last checkpoint untouched). Try a lower --matrix-lr / --embedding-lr.")
@@ -457,7 +567,7 @@ def train(args, device_type, device, ddp, rank, world_size):
     wandb_run.finish()
     rows = [("model", model_tag), ("params total / active", f"{params['total']:,} / {params['active_total']:,}"),
             ("FLOPs/token", f"{flops_per_token:.4e}"), ("tokens", f"{summary['tokens']:,}"),
-            ("FLOPs", f"{state.flops:.4e}"), ("epochs (passes over the train data)", f"{summary['epochs']:.2f}"),
+            ("FLOPs", f"{state.flops:.4e}" + (f" (incl. {init_flops:.4e} before --init-from)" if init_flops else "")), ("epochs (passes over the train data)", f"{summary['epochs']:.2f}"),
             ("final val bpb", f"{state.val_bpb:.4f}"),
             ("entropy floor", f"{entropy_floor:.4f}" if entropy_floor is not None else "n/a"),
             ("tok/s (mean step)", f"{avg_tok_s:,.0f}"), ("wall time", f"{wall:.1f}s"),

@@ -7,7 +7,8 @@ import subprocess
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["runs/runcpu.sh", "runs/tmp_moe.sh", "runs/test.sh", "runs/setup_env.sh", "runs/gpu_check.sh", ".ci/run"]
+SCRIPTS = ["runs/runcpu.sh", "runs/tmp_moe.sh", "runs/test.sh", "runs/setup_env.sh", "runs/gpu_check.sh", "runs/grow.sh",
+           "dev/grow_techmix.sh", ".ci/run"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
