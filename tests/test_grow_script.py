@@ -172,3 +172,18 @@ def test_grow_recipe_dry_run():
     assert "--upcycle" in cmds[1] and "--width-mult 2 --add-layers 2" in cmds[3]
     assert "--init-from grow_moe" in cmds[2] and "--init-from grow_grown" in cmds[4]
     assert "--total-batch-size 32768" in cmds[0]  # 8 rows x 256 x 8 processes x 2 micro-steps
+
+
+def test_growth_under_torchrun_keeps_every_ranks_position(tmp_path):
+    # the recipe on GPUs runs every phase under torchrun: each rank continues its own data stream
+    common = NO_DEPTH + ["--eval-every", "2", "--total-batch-size", "512"]
+    run_train(tmp_path, common + HEAD + ["--depth", "2", "--num-iterations", "2", "--model-tag", "d"], nproc=2)
+    run_py(tmp_path, "scripts.grow", ["--from", "d", "--to", "m", "--upcycle", "--n-experts", "4"])
+    for rank in (0, 1):
+        assert (ckpt(tmp_path, "m", 0) / f"loader_rank{rank}.json").read_text() == \
+            (ckpt(tmp_path, "d", 2) / f"loader_rank{rank}.json").read_text()
+    p = run_train(tmp_path, common + ["--init-from", "m", "--num-iterations", "1", "--model-tag", "m1"], check=False)
+    assert p.returncode == 2 and "saved by 2 process(es), this run has 1" in p.stderr
+    run_train(tmp_path, common + ["--init-from", "m", "--num-iterations", "2", "--model-tag", "m"], nproc=2)
+    d, m = read_metrics(tmp_path, "d"), read_metrics(tmp_path, "m")
+    assert abs(of_type(m, "eval")[0]["val_bpb"] - of_type(d, "eval")[-1]["val_bpb"]) < 2e-3
