@@ -3,9 +3,14 @@ The model's command-line flags, in one place: every script that builds or plans 
 (base_train, iso_flops, bench_moe) declares its shape and MoE flags with add_model_args and
 turns them into a GPTConfig with config_from_args, so "--depth 4 --n-embd 128" means the same
 model everywhere. Shape flags default to None: a script can tell "not given" from "given".
+resolve_init_from does the reverse for base_train --init-from: the config comes from a
+checkpoint, and the flags are checked against it and set from it.
 """
 
-from nanochat.common import require
+import json
+import os
+
+from nanochat.common import UserError, require
 from nanochat.gpt import GPTConfig
 
 # Defaults of the shape flags, applied by model_shape() when a flag is not given.
@@ -107,3 +112,61 @@ def config_from_args(args, vocab_size, **overrides):
             cfg.update(router=args.router, route_scale=args.route_scale, aux_free_bias=args.aux_free_bias,
                        capacity_factor=args.capacity_factor)
     return GPTConfig(**{**cfg, **overrides})
+
+
+# Model flags and the GPTConfig field each fixes; with --init-from the checkpoint's config
+# rules, and a flag given with another value is an error. The training-time routing choices
+# (--aux-free-bias, --capacity-factor) may change: they do not change the function at eval.
+INIT_FROM_FIXED = dict(depth="n_layer", n_embd="n_embd", n_kv_head="n_kv_head", max_seq_len="sequence_len",
+                       use_moe="use_moe", n_experts="n_experts", expert_topk="expert_topk", moe_freq="moe_freq",
+                       n_shared_experts="n_shared_experts", expert_hidden_mult="expert_hidden_mult", router="router",
+                       route_scale="route_scale")
+
+
+def resolve_init_from(args, given, world_size):
+    """--init-from RUN[:STEP]: the checkpoint folder, its meta and the config to train, with the
+    model flags in `args` set from it (so the rest of the script reads one set of flags).
+    Raises UserError for a flag that contradicts the checkpoint."""
+    from nanochat.checkpoint import checkpoint_for
+    source, step = args.init_from, "latest"
+    head, sep, tail = source.rpartition(":")
+    if sep and (tail.isdigit() or tail in ("best", "latest")):
+        source, step = head, tail
+    ckpt = checkpoint_for("--init-from", source, step, is_tag=not os.path.exists(source))
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        meta = json.load(f)
+    cfg = dict(meta["config"])
+    require(meta.get("world_size", 1) == world_size,
+            f"--init-from {args.init_from}: saved by {meta.get('world_size', 1)} process(es), this run has {world_size}; "
+            f"the data position is per rank, so start it with the same number")
+    wanted = {name: getattr(args, name) for name in INIT_FROM_FIXED if name in given}
+    if "expert_hidden_mult" in wanted and wanted["expert_hidden_mult"] == 0:
+        wanted["expert_hidden_mult"] = iso_flops_expert_mult(args.expert_topk, args.n_shared_experts)
+    if "head_dim" in given:
+        wanted["head_dim"] = args.head_dim
+    cfg_view = dict(cfg, head_dim=cfg["n_embd"] // cfg["n_head"])
+    for name, value in wanted.items():
+        field_name = INIT_FROM_FIXED.get(name, name)
+        if field_name in cfg_view and value != cfg_view[field_name] and (name != "use_moe" or value):
+            raise UserError(f"--{name.replace('_', '-')} {value} contradicts the --init-from checkpoint's {field_name} "
+                            f"{cfg_view[field_name]} ({ckpt}); drop the flag, or change the shape with scripts.grow")
+    require("aspect_ratio" not in given or "n_embd" in given or args.aspect_ratio * cfg["n_layer"] == cfg["n_embd"],
+            f"--aspect-ratio {getattr(args, 'aspect_ratio', None)} contradicts the --init-from checkpoint's width {cfg['n_embd']}")
+    if cfg["use_moe"]:  # training-time routing choices: the flag when given, else the checkpoint's
+        for name in ("aux_free_bias", "capacity_factor"):
+            if name in given:
+                cfg[name] = getattr(args, name)
+    data = meta.get("args", {}).get("data")
+    same = lambda a, b: a == b or (os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b))
+    require("data" not in given or data is None or same(args.data, data),
+            f"--data {args.data} contradicts the --init-from checkpoint's data {data!r}: the run continues its data stream")
+    args.data = data or args.data
+    config = GPTConfig(**cfg)
+    # the flags the rest of the script reads, from the config
+    args.depth, args.n_embd, args.n_kv_head, args.max_seq_len = config.n_layer, config.n_embd, config.n_kv_head, config.sequence_len
+    args.head_dim, args.aspect_ratio = config.n_embd // config.n_head, None
+    args.use_moe, args.n_experts, args.expert_topk, args.moe_freq = config.use_moe, config.n_experts, config.expert_topk, config.moe_freq
+    args.n_shared_experts, args.expert_hidden_mult = config.n_shared_experts, config.expert_hidden_mult
+    args.router, args.route_scale = config.router, config.route_scale
+    args.aux_free_bias, args.capacity_factor = config.aux_free_bias, config.capacity_factor
+    return dict(checkpoint=ckpt, meta=meta, config=config)

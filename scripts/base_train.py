@@ -25,7 +25,7 @@ import torch.distributed as dist
 from nanochat.common import (UserError, require, ArgumentParser, run_main, print0, get_base_dir, git_commit, check_device_type,
                              get_dist_info, compute_init, compute_cleanup, DummyWandb, get_peak_flops, keep_freed_memory,
                              atomic_write_json)
-from nanochat.model_args import add_model_args, validate_model_args, model_shape, config_from_args
+from nanochat.model_args import add_model_args, validate_model_args, model_shape, config_from_args, resolve_init_from
 from nanochat.report import MetricsLog, peak_memory_mb, finite_or_none, format_eta, summary_table
 
 DATA_SOURCES = ("synthetic", "fineweb")
@@ -108,66 +108,6 @@ def explicit_flags(argv=None):
     for action in p._actions:
         action.default = argparse.SUPPRESS
     return set(vars(p.parse_args(_argv(argv))))
-
-
-# Model flags and the GPTConfig field each fixes; with --init-from the checkpoint's config
-# rules, and a flag given with another value is an error. The training-time routing choices
-# (--aux-free-bias, --capacity-factor) may change: they do not change the function at eval.
-INIT_FROM_FIXED = dict(depth="n_layer", n_embd="n_embd", n_kv_head="n_kv_head", max_seq_len="sequence_len",
-                       use_moe="use_moe", n_experts="n_experts", expert_topk="expert_topk", moe_freq="moe_freq",
-                       n_shared_experts="n_shared_experts", expert_hidden_mult="expert_hidden_mult", router="router",
-                       route_scale="route_scale")
-
-
-def resolve_init_from(args, given, world_size):
-    """--init-from RUN[:STEP]: the checkpoint folder, its meta and the config to train, with the
-    model flags in `args` set from it (so the rest of the script reads one set of flags).
-    Raises UserError for a flag that contradicts the checkpoint."""
-    import json
-    from nanochat.checkpoint import checkpoint_for
-    from nanochat.gpt import GPTConfig
-    from nanochat.model_args import iso_flops_expert_mult
-    source, step = args.init_from, "latest"
-    head, sep, tail = source.rpartition(":")
-    if sep and (tail.isdigit() or tail in ("best", "latest")):
-        source, step = head, tail
-    ckpt = checkpoint_for("--init-from", source, step, is_tag=not os.path.exists(source))
-    with open(os.path.join(ckpt, "meta.json")) as f:
-        meta = json.load(f)
-    cfg = dict(meta["config"])
-    require(meta.get("world_size", 1) == world_size,
-            f"--init-from {args.init_from}: saved by {meta.get('world_size', 1)} process(es), this run has {world_size}; "
-            f"the data position is per rank, so start it with the same number")
-    wanted = {name: getattr(args, name) for name in INIT_FROM_FIXED if name in given}
-    if "expert_hidden_mult" in wanted and wanted["expert_hidden_mult"] == 0:
-        wanted["expert_hidden_mult"] = iso_flops_expert_mult(args.expert_topk, args.n_shared_experts)
-    if "head_dim" in given:
-        wanted["head_dim"] = args.head_dim
-    cfg_view = dict(cfg, head_dim=cfg["n_embd"] // cfg["n_head"])
-    for name, value in wanted.items():
-        field_name = INIT_FROM_FIXED.get(name, name)
-        if field_name in cfg_view and value != cfg_view[field_name] and (name != "use_moe" or value):
-            raise UserError(f"--{name.replace('_', '-')} {value} contradicts the --init-from checkpoint's {field_name} "
-                            f"{cfg_view[field_name]} ({ckpt}); drop the flag, or change the shape with scripts.grow")
-    require("aspect_ratio" not in given or "n_embd" in given or args.aspect_ratio * cfg["n_layer"] == cfg["n_embd"],
-            f"--aspect-ratio {getattr(args, 'aspect_ratio', None)} contradicts the --init-from checkpoint's width {cfg['n_embd']}")
-    if cfg["use_moe"]:  # training-time routing choices: the flag when given, else the checkpoint's
-        for name in ("aux_free_bias", "capacity_factor"):
-            if name in given:
-                cfg[name] = getattr(args, name)
-    data = meta.get("args", {}).get("data")
-    require("data" not in given or data is None or args.data == data,
-            f"--data {args.data} contradicts the --init-from checkpoint's data {data!r}: the run continues its data stream")
-    args.data = data or args.data
-    config = GPTConfig(**cfg)
-    # the flags the rest of the script reads, from the config
-    args.depth, args.n_embd, args.n_kv_head, args.max_seq_len = config.n_layer, config.n_embd, config.n_kv_head, config.sequence_len
-    args.head_dim, args.aspect_ratio = config.n_embd // config.n_head, None
-    args.use_moe, args.n_experts, args.expert_topk, args.moe_freq = config.use_moe, config.n_experts, config.expert_topk, config.moe_freq
-    args.n_shared_experts, args.expert_hidden_mult = config.n_shared_experts, config.expert_hidden_mult
-    args.router, args.route_scale = config.router, config.route_scale
-    args.aux_free_bias, args.capacity_factor = config.aux_free_bias, config.capacity_factor
-    return dict(checkpoint=ckpt, meta=meta, config=config)
 
 
 def validate_args(args, world_size):
