@@ -76,11 +76,11 @@ run "${TRAIN[@]}" "${COMMON[@]}" "${PHASE1[@]}" "${P1_H[@]}" --warmdown-ratio 0 
 
 banner "2/3: upcycled MoE"
 run "$PY" -m scripts.grow --from "${TAG}_dense" --to "${TAG}_moe" --upcycle "${UPCYCLE[@]}" --device-type "$DEVICE"
-run "${TRAIN[@]}" "${COMMON[@]}" --init-from "${TAG}_moe" "${P2_H[@]}" --warmdown-ratio 0 --model-tag "${TAG}_moe"
+run "${TRAIN[@]}" "${COMMON[@]}" --init-from "${TAG}_moe:0" "${P2_H[@]}" --warmdown-ratio 0 --model-tag "${TAG}_moe"
 
 banner "3/3: grown MoE"
 run "$PY" -m scripts.grow --from "${TAG}_moe" --to "${TAG}_grown" "${GROW[@]}" --device-type "$DEVICE"
-run "${TRAIN[@]}" "${COMMON[@]}" --init-from "${TAG}_grown" "${P3_H[@]}" --warmdown-ratio 0.2 --model-tag "${TAG}_grown"
+run "${TRAIN[@]}" "${COMMON[@]}" --init-from "${TAG}_grown:0" "${P3_H[@]}" --warmdown-ratio 0.2 --model-tag "${TAG}_grown"
 
 run "$PY" -m scripts.grow_summary "${TAG}_dense" "${TAG}_moe" "${TAG}_grown" --names dense,moe,grown \
     --history "$BASE/runs/${TAG}_grown/training_history.jsonl"

@@ -344,6 +344,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     if args.resume_from_step:
         step_to_load = find_latest_step(ckpt_dir) if args.resume_from_step == "latest" else int(args.resume_from_step)
         meta = load_checkpoint(ckpt_dir, step_to_load, model, optimizers, rank, device)
+        init_flops = meta.get("init_flops", init_flops)  # this run's own record, whatever --init-from resolves to now
         if "rng_state" in meta:
             set_rng_state(meta["rng_state"])
         if meta.get("world_size", world_size) != world_size:
@@ -380,7 +381,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     def save(state, name=None):
         meta = dict(step=state.step, world_size=world_size, config=config.to_dict(), args=vars(args),
                     val_bpb=finite_or_none(state.val_bpb), min_val_bpb=finite_or_none(state.min_val_bpb),
-                    smooth_loss=state.smooth_loss, flops=state.flops, num_iterations=num_iterations,
+                    smooth_loss=state.smooth_loss, flops=state.flops, init_flops=init_flops, num_iterations=num_iterations,
                     tokenizer_dir=tokenizer_dir, data_dir=data_dir, commit=git_commit())
         save_checkpoint(ckpt_dir, state.step, model, optimizers, rank, ddp, loader_state=state.loader_state,
                         meta=meta, name=name, keep=args.keep_checkpoints)

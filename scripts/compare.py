@@ -44,9 +44,31 @@ def load_run(run):
     if header is None or summary is None:
         raise UserError(f"--runs {run}: {path} has no header or no summary (unfinished run?)")
     evals = sorted((r["flops"], r["val_bpb"]) for r in records if r.get("type") == "eval")
+    if evals:  # a run started --init-from: its curve begins where its sources' ended (FLOPs are cumulative)
+        evals = [e for e in lineage_evals(header) if e[0] < evals[0][0]] + evals
     mfus = [r["mfu"] for r in records if r.get("type") == "train" and r.get("mfu") is not None]
     mfu = sum(mfus) / len(mfus) if mfus else None
     return os.path.basename(os.path.normpath(folder)), header, evals, summary, mfu
+
+
+def lineage_evals(header, depth=0):
+    """Evals (flops, val_bpb) of the runs a run was started from (base_train --init-from, through
+    scripts.grow), oldest first and up to the checkpoint each one was taken at, so a grown run's
+    curve shows all its phases on the FLOPs axis. Sources that are gone are skipped."""
+    init = header.get("init_from") or {}
+    source = (init.get("grown_from") or {}).get("checkpoint") or init.get("checkpoint")
+    if not source or depth > 32:
+        return []
+    name = os.path.basename(os.path.normpath(source))
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.normpath(source))), "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    records = read_metrics(path)
+    last = int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else float("inf")
+    source_header = next((r for r in records if r.get("type") == "header"), {})
+    evals = sorted((r["flops"], r["val_bpb"]) for r in records if r.get("type") == "eval" and r["step"] <= last)
+    earlier = lineage_evals(source_header, depth + 1)
+    return [e for e in earlier if not evals or e[0] < evals[0][0]] + evals
 
 
 def _fraction(f0, f1, f):
@@ -186,7 +208,7 @@ def plot(runs, common, path, frontier_idx=()):
     if frontier_idx:
         points = sorted((runs[i][2][-1][0], runs[i][3]["final_val_bpb"]) for i in frontier_idx)
         ax.plot([f for f, _ in points], [b for _, b in points], color="black", linestyle="--", linewidth=1.5,
-                marker="s", markersize=6, label="dense frontier (final, annealed points)", zorder=5)
+                marker="s", markersize=6, label="frontier: " + ", ".join(runs[i][0] for i in frontier_idx) + " (final points)", zorder=5)
     floor = next((s.get("entropy_floor") for _, _, _, s, _ in runs if s.get("entropy_floor") is not None), None)
     if floor is not None:
         ax.axhline(floor, color="gray", linestyle="--", linewidth=1, label=f"entropy floor {floor:.4f}")

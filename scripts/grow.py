@@ -4,7 +4,7 @@ real validation batches, and save it as the step-0 checkpoint of a new run.
 
     python -m scripts.grow --from d2 --to d2_moe --upcycle --n-experts 8 --expert-topk 2
     python -m scripts.grow --from d2_moe --to d4_moe --width-mult 2 --add-layers 2
-    python -m scripts.base_train --init-from d4_moe --model-tag d4_moe ...   # then train it
+    python -m scripts.base_train --init-from d4_moe:0 --model-tag d4_moe ...   # then train it
 
 Transforms run in the order upcycle, width, depth (nanochat/grow.py). The new run gets the
 source's tokenizer, data and loader position (training continues the data stream), the new
@@ -125,7 +125,7 @@ def main(argv=None):
                                     val_bpb=meta.get("val_bpb"), flops=meta.get("flops", 0.0), verification=result,
                                     config=source.config.to_dict()))
     d = save_weights_checkpoint(os.path.join(target_dir, "checkpoints"), 0, grown, new_meta, read_loader_states(ckpt))
-    print(f"Saved {d} (train it with: python -m scripts.base_train --init-from {args.target} --model-tag {args.target})")
+    print(f"Saved {d} (train it with: python -m scripts.base_train --init-from {args.target}:0 --model-tag {args.target})")
     print(line)
 
 

@@ -154,3 +154,21 @@ def test_plot_draws_the_frontier_through_the_final_points(tmp_path):
     frontier = [v for k, v in lines.items() if k.startswith("dense frontier")]
     assert frontier == [[(1e13, 1.6), (4e13, 1.4)]]
     assert not any(k.startswith("dense frontier") for k in plot(runs, 1e13, str(tmp_path / "q.png")))
+
+
+def test_a_grown_run_shows_its_whole_lineage(tmp_path):
+    # dense (evals to step 3) -> grown at step 2 -> trained on: the grown run's curve starts at 0 FLOPs
+    write_run(tmp_path / "dense", [(0, 3.0), (1e12, 2.0), (2e12, 1.8), (3e12, 1.7)], 100, 100, False)
+    grown_ckpt = tmp_path / "grown" / "checkpoints" / "step_000000"
+    write_run(tmp_path / "grown", [(2e12, 1.8), (5e12, 1.5), (8e12, 1.4)], 800, 300, True)
+    lines = (tmp_path / "grown" / "metrics.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    header["init_from"] = dict(checkpoint=str(grown_ckpt), flops=2e12,
+                               grown_from=dict(checkpoint=str(tmp_path / "dense" / "checkpoints" / "step_000002")))
+    (tmp_path / "grown" / "metrics.jsonl").write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+    _, _, evals, summary, _ = load_run(str(tmp_path / "grown"))
+    # the dense evals up to the step it was grown at (not its later step 3), then the grown run's own
+    assert evals == [(0, 3.0), (1e12, 2.0), (2e12, 1.8), (5e12, 1.5), (8e12, 1.4)]
+    assert summary["final_val_bpb"] == 1.4
+    _, _, dense_evals, _, _ = load_run(str(tmp_path / "dense"))
+    assert len(dense_evals) == 4  # a run without init_from is unchanged

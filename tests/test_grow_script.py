@@ -170,7 +170,7 @@ def test_grow_recipe_dry_run():
     assert all(c.startswith("python -m torch.distributed.run --standalone --nproc_per_node=8 -m scripts.base_train --")
                for c in (cmds[0], cmds[2], cmds[4]))
     assert "--upcycle" in cmds[1] and "--width-mult 2 --add-layers 2" in cmds[3]
-    assert "--init-from grow_moe" in cmds[2] and "--init-from grow_grown" in cmds[4]
+    assert "--init-from grow_moe:0" in cmds[2] and "--init-from grow_grown:0" in cmds[4]
     assert "--total-batch-size 32768" in cmds[0]  # 8 rows x 256 x 8 processes x 2 micro-steps
 
 
@@ -187,3 +187,18 @@ def test_growth_under_torchrun_keeps_every_ranks_position(tmp_path):
     run_train(tmp_path, common + ["--init-from", "m", "--num-iterations", "2", "--model-tag", "m"], nproc=2)
     d, m = read_metrics(tmp_path, "d"), read_metrics(tmp_path, "m")
     assert abs(of_type(m, "eval")[0]["val_bpb"] - of_type(d, "eval")[-1]["val_bpb"]) < 2e-3
+
+
+def test_resuming_an_init_from_run_keeps_its_lineage_flops(lineage):
+    base, _ = lineage
+    common = NO_DEPTH + ["--eval-every", "-1", "--num-iterations", "4", "--model-tag", "moe_again"]
+    run_train(base, common + ["--init-from", "moe:0", "--save-every", "2"])
+    first = of_type(read_metrics(base, "moe_again"), "summary")[0]["flops"]
+    # resumed with an --init-from that now resolves to another checkpoint (moe's latest, step 6):
+    # the FLOPs before this run come from its own checkpoint, not from the new source
+    run_train(base, common + ["--init-from", "moe", "--resume-from-step", "2"])
+    records = read_metrics(base, "moe_again")
+    assert of_type(records, "summary")[0]["flops"] == pytest.approx(first)
+    src = json.loads((ckpt(base, "moe", 0) / "meta.json").read_text())["flops"]
+    header = of_type(records, "header")[0]
+    assert first == pytest.approx(src + 4 * header["flops_per_token"] * header["tokens_per_step"])
