@@ -151,9 +151,9 @@ def test_plot_draws_the_frontier_through_the_final_points(tmp_path):
     write_run(tmp_path / "moe", [(0, 3.0), (5e12, 1.8), (1e13, 1.5)], 2_000, 1_000, use_moe=True)
     runs = [load_run(str(tmp_path / n)) for n in ("d1", "d4", "moe")]
     lines = plot(runs, 1e13, str(tmp_path / "p.png"), frontier_idx=[1, 0])
-    frontier = [v for k, v in lines.items() if k.startswith("dense frontier")]
+    frontier = [v for k, v in lines.items() if k.startswith("frontier: d4, d1")]
     assert frontier == [[(1e13, 1.6), (4e13, 1.4)]]
-    assert not any(k.startswith("dense frontier") for k in plot(runs, 1e13, str(tmp_path / "q.png")))
+    assert not any(k.startswith("frontier") for k in plot(runs, 1e13, str(tmp_path / "q.png")))
 
 
 def test_a_grown_run_shows_its_whole_lineage(tmp_path):
