@@ -4,6 +4,7 @@ The GPT, nanochat style:
 - relu^2 MLP, untied embedding and lm_head, logit softcap, no biases
 - RMSNorm without learnable parameters (functional)
 - optional Mixture-of-Experts in place of the MLP (use_moe; every moe_freq-th layer)
+- optional multi-token prediction heads (mtp_heads; training only)
 """
 
 from dataclasses import dataclass, asdict
@@ -40,6 +41,10 @@ class GPTConfig:
     n_shared_experts: int = 0
     aux_free_bias: float = 0.0
     capacity_factor: float = 0.0
+    # Multi-token prediction (Gloeckle et al. 2024): mtp_heads extra heads, head i predicting
+    # token t+1+i from the trunk's last hidden state through its own dense transformer block
+    # and the shared lm_head. Training only: logits, val bpb and generation are next-token.
+    mtp_heads: int = 0
 
     def to_dict(self):
         return asdict(self)
@@ -110,10 +115,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer_idx, dense=False):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.is_moe = config.is_moe_layer(layer_idx)
+        self.is_moe = config.is_moe_layer(layer_idx) and not dense
         self.mlp = MoE(config) if self.is_moe else MLP(config)
 
     def forward(self, x, cos_sin, kv_cache=None):
@@ -134,6 +139,8 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # MTP heads: dense blocks (an MoE head would add routing to a training-only extra).
+        self.mtp = nn.ModuleList([Block(config, config.n_layer + i, dense=True) for i in range(config.mtp_heads)])
         # Rotary tables for 10x the training length, so generation can run past it.
         self.rotary_seq_len = config.sequence_len * 10
         head_dim = config.n_embd // config.n_head
@@ -151,7 +158,7 @@ class GPT(nn.Module):
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         s = 3**0.5 * self.config.n_embd**-0.5  # uniform(-s, s) has std n_embd^-0.5
-        for block in self.transformer.h:
+        for block in [*self.transformer.h, *self.mtp]:  # an MTP head starts as the identity on the trunk
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 torch.nn.init.uniform_(lin.weight, -s, s)
             torch.nn.init.zeros_(block.attn.c_proj.weight)
@@ -185,7 +192,8 @@ class GPT(nn.Module):
         per MoE layer (n_experts - expert_topk) x one routed expert) and active_total, plus
         parts. Shared experts run for every token: they are active, never inactive."""
         counts = {"wte": self.transformer.wte.weight.numel(), "lm_head": self.lm_head.weight.numel(),
-                  "attn": 0, "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "moe_inactive": 0}
+                  "attn": 0, "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "moe_inactive": 0,
+                  "mtp": sum(p.numel() for p in self.mtp.parameters())}
         for block in self.transformer.h:
             counts["attn"] += sum(p.numel() for p in block.attn.parameters())
             if block.is_moe:
@@ -203,12 +211,14 @@ class GPT(nn.Module):
         """Training FLOPs per token, active parameters only (contract): 6 per active matmul
         weight (2 forward, 4 backward; the embedding is a lookup, not a matmul) plus the
         attention scores/values term 12 * n_layer * n_head * head_dim * seq_len (Kaplan et al.
-        2020 / PaLM appendix B, as nanochat counts it)."""
+        2020 / PaLM appendix B, as nanochat counts it). MTP heads: their blocks' weights and
+        attention like a layer's, plus the shared lm_head once more per head (its matmul runs
+        again on each head's hidden state)."""
         counts = self.num_scaling_params()
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
-        matmul_params = counts["active_total"] - counts["wte"]
-        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
+        matmul_params = counts["active_total"] - counts["wte"] + cfg.mtp_heads * counts["lm_head"]
+        return 6 * matmul_params + 12 * (cfg.n_layer + cfg.mtp_heads) * cfg.n_head * head_dim * cfg.sequence_len
 
     def num_moe_layers(self):
         return sum(1 for block in self.transformer.h if block.is_moe)
@@ -234,10 +244,7 @@ class GPT(nn.Module):
             x, layer_losses = block(x, cos_sin, kv_cache)
             if layer_losses is not None:
                 moe_losses.append(layer_losses)
-        x = norm(x)
-        softcap = 15.0  # smoothly bounds logits to (-15, 15): stabilises early training
-        logits = self.lm_head(x).float()
-        logits = softcap * torch.tanh(logits / softcap)
+        logits = self._logits(x)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
@@ -246,7 +253,28 @@ class GPT(nn.Module):
             loss = loss.view(B, T)
         aux = {name: torch.stack([m[name] for m in moe_losses]).sum() if moe_losses else logits.new_zeros(())
                for name in ("balance_loss", "z_loss")}
+        # MTP: head i (1-based) reads the trunk's last hidden state and predicts token t+1+i.
+        # Computed in training only (evaluation is next-token); (N,) mean losses, one per head.
+        mtp = []
+        if self.training:
+            for i, head in enumerate(self.mtp, start=1):
+                h, _ = head(x, cos_sin)
+                head_logits = self._logits(h)
+                mtp.append(F.cross_entropy(head_logits.view(-1, head_logits.size(-1)),
+                                           mtp_targets(targets, i).reshape(-1), ignore_index=-1))
+        aux["mtp_losses"] = torch.stack(mtp) if mtp else logits.new_zeros(0)
         return loss, aux
+
+    def _logits(self, x):
+        softcap = 15.0  # smoothly bounds logits to (-15, 15): stabilises early training
+        logits = self.lm_head(norm(x)).float()
+        return softcap * torch.tanh(logits / softcap)
+
+
+def mtp_targets(targets, i):
+    """Targets of MTP head i: targets[:, t + i] (the next-token targets shifted i left, so
+    token t+1+i), -1 (ignored) where that falls past the end of the row."""
+    return torch.cat([targets[:, i:], targets.new_full((targets.size(0), min(i, targets.size(1))), -1)], dim=1)
 
 
 def build_model(config, device):
@@ -281,6 +309,8 @@ def describe_params(model):
         ]
     else:
         lines.append(f"Active Params/tok: {format_count(c['active_total'])} (dense model: every parameter)")
-    lines.append(f"Layers: {n_moe} MoE + {cfg.n_layer - n_moe} dense (of {cfg.n_layer})")
+    lines.append(f"Layers: {n_moe} MoE + {cfg.n_layer - n_moe} dense (of {cfg.n_layer})"
+                 + (f"; MTP heads: {cfg.mtp_heads} (training only, {format_count(c['mtp'])} params, "
+                    f"predicting tokens t+2..t+{cfg.mtp_heads + 1})" if cfg.mtp_heads else ""))
     lines.append(f"FLOPs/token (train, active): {model.estimate_flops():.4e}")
     return "\n".join(lines)

@@ -41,6 +41,8 @@ def add_model_args(p, planner=False):
     p.add_argument("--head-dim", type=int, default=None, help=f"attention head dimension (default {SHAPE_DEFAULTS['head_dim']})")
     p.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: as many as query heads)")
     p.add_argument("--max-seq-len", type=int, default=None, help=f"context length in tokens (default {SHAPE_DEFAULTS['max_seq_len']})")
+    p.add_argument("--mtp-heads", type=int, default=0,
+                   help="multi-token prediction heads (training only): head i also predicts token t+1+i (0 = off)")
     if not planner:
         p.add_argument("--use-moe", action="store_true", help="replace MLPs with a token-choice top-k MoE")
     p.add_argument("--n-experts", type=int, default=8)
@@ -82,7 +84,8 @@ def model_shape(args):
 
 def validate_model_args(args):
     """The cheap checks of the shape and MoE flags, before any work. Raises UserError."""
-    depth = model_shape(args)[0]
+    depth, seq = model_shape(args)[0], model_shape(args)[5]
+    require(0 <= args.mtp_heads < seq, f"--mtp-heads must be in 0..{seq - 1} (--max-seq-len {seq}; got {args.mtp_heads})")
     if not getattr(args, "use_moe", True):  # planners have no --use-moe: they always plan an MoE
         return
     require(args.n_experts >= 1, f"--n-experts must be >= 1 (got {args.n_experts})")
@@ -103,7 +106,8 @@ def config_from_args(args, vocab_size, **overrides):
     """The GPTConfig the flags describe (checked). The MoE fields keep their GPTConfig defaults
     for a dense model; an --expert-hidden-mult of 0 means iso-FLOPs with the dense MLP."""
     depth, n_embd, n_head, n_kv_head, _, seq = model_shape(args)
-    cfg = dict(sequence_len=seq, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+    cfg = dict(sequence_len=seq, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+               mtp_heads=args.mtp_heads)
     if getattr(args, "use_moe", True):
         cfg.update(use_moe=True, n_experts=args.n_experts, expert_topk=args.expert_topk, moe_freq=args.moe_freq,
                    n_shared_experts=args.n_shared_experts,
@@ -120,7 +124,7 @@ def config_from_args(args, vocab_size, **overrides):
 INIT_FROM_FIXED = dict(depth="n_layer", n_embd="n_embd", n_kv_head="n_kv_head", max_seq_len="sequence_len",
                        use_moe="use_moe", n_experts="n_experts", expert_topk="expert_topk", moe_freq="moe_freq",
                        n_shared_experts="n_shared_experts", expert_hidden_mult="expert_hidden_mult", router="router",
-                       route_scale="route_scale")
+                       route_scale="route_scale", mtp_heads="mtp_heads")
 
 
 def resolve_init_from(args, given, world_size):

@@ -76,7 +76,7 @@ def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr
                      weight_decay=0.0, adam_betas=(0.8, 0.95), device_type="cpu"):
     """Return [adamw, muon]; each param group remembers its base lr in 'initial_lr'.
 
-    - Muon: every matrix inside the blocks (attention, dense MLP, experts).
+    - Muon: every matrix inside the blocks (attention, dense MLP, experts), MTP heads' blocks included.
     - AdamW: token embedding and lm_head (lookups/classifier, not hidden transforms), with
       nanochat's 1/sqrt(d_model/768) scaling of their lrs.
     - AdamW for the router too: the gate is a small classifier (n_experts x d) whose rows
@@ -87,7 +87,7 @@ def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr
     d_model = model.config.n_embd
     lr_scale = (d_model / 768) ** -0.5
     router_params, matrix_params = [], []
-    for name, p in model.transformer.h.named_parameters():
+    for name, p in [*model.transformer.h.named_parameters(), *model.mtp.named_parameters()]:
         (router_params if ".router." in name else matrix_params).append(p)
     adam_groups = [
         dict(params=[model.lm_head.weight], lr=unembedding_lr * lr_scale),

@@ -40,6 +40,9 @@ def build_parser():
                         "Switch: --router softmax --aux-free-bias 0 --balance-loss-coeff 0.01)")
     p.add_argument("--router-z-loss", type=float, default=0.0, help="weight of each MoE layer's router z-loss (ST-MoE), e.g. 0.001")
     p.add_argument("--moe-stats-every", type=int, default=20, help="steps between routing-statistics records")
+    p.add_argument("--mtp-weight", type=float, default=0.3,
+                   help="--mtp-heads: weight of the MTP loss (the mean over heads), added to the next-token loss "
+                        "(DeepSeek-V3 starts at 0.3)")
     # Data
     p.add_argument("--data", default=None, help="synthetic (default) | fineweb | PATH (folder of shards, or .txt/.jsonl/.parquet)")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocab size when a tokenizer must be trained for --data")
@@ -118,6 +121,7 @@ def validate_args(args, world_size):
         require(args.balance_loss_coeff >= 0, f"--balance-loss-coeff must be >= 0 (got {args.balance_loss_coeff})")
         require(args.router_z_loss >= 0, f"--router-z-loss must be >= 0 (got {args.router_z_loss})")
         require(args.moe_stats_every >= 1, f"--moe-stats-every must be >= 1 (got {args.moe_stats_every})")
+    require(args.mtp_weight >= 0, f"--mtp-weight must be >= 0 (got {args.mtp_weight})")
     require(args.device_batch_size >= 1, f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
     seq_len = model_shape(args)[5]
     tokens_per_fwdbwd = args.device_batch_size * seq_len * world_size
@@ -416,17 +420,19 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
 
         # One optimizer step: grad_accum micro-batches, then all-reduce, then update.
         t0 = time.time()
-        loss_sums = torch.zeros(3, device=device)  # cross-entropy, balance loss, z-loss
+        loss_sums = torch.zeros(3 + config.mtp_heads, device=device)  # cross-entropy, balance, z-loss, MTP heads
         for _ in range(grad_accum):
             with autocast:
                 ce, aux = train_model(x, y)
             loss = ce
             if args.use_moe:
                 loss = loss + args.balance_loss_coeff * aux["balance_loss"] + args.router_z_loss * aux["z_loss"]
+            if config.mtp_heads:
+                loss = loss + args.mtp_weight * aux["mtp_losses"].mean()
             (loss / grad_accum).backward()
             # logged per MoE layer (the mean), while the loss above takes the sum over layers
-            loss_sums += torch.stack([ce.detach(), aux["balance_loss"].detach() / n_moe_layers,
-                                      aux["z_loss"].detach() / n_moe_layers])
+            loss_sums += torch.cat([torch.stack([ce.detach(), aux["balance_loss"].detach() / n_moe_layers,
+                                                 aux["z_loss"].detach() / n_moe_layers]), aux["mtp_losses"].detach()])
             state.loader_state = next_loader_state
             x, y, next_loader_state = next(train_batches)
         all_reduce_grads(model, world_size)
@@ -448,7 +454,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         if ddp:
             dist.all_reduce(loss_means)
             loss_means /= world_size
-        train_loss, balance_loss, z_loss = loss_means.tolist()  # one host sync per step, for logging
+        train_loss, balance_loss, z_loss, *mtp_losses = loss_means.tolist()  # one host sync per step, for logging
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -475,6 +481,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                       epochs=round(epochs, 4))
         if args.use_moe:
             record.update(balance_loss=balance_loss, z_loss=z_loss)
+        if mtp_losses:  # per head: head i predicts token t+1+i (train_loss stays next-token)
+            record.update(mtp_losses=mtp_losses)
         metrics.write(record)
         wandb_run.log({"step": step, "flops": state.flops, "train/loss": train_loss, "train/balance_loss": balance_loss,
                        "train/z_loss": z_loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu or 0.0})
@@ -488,7 +496,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                 print0(f"  warning: MoE layer {i} expert {e} has received no token for 3 intervals "
                        f"({3 * args.moe_stats_every} steps); consider --aux-free-bias or a larger --balance-loss-coeff")
         if step % args.log_every == 0 or step == num_iterations:
-            bal = f" | bal {balance_loss:.4f}" if args.use_moe else ""
+            bal = (f" | bal {balance_loss:.4f}" if args.use_moe else "") + \
+                (" | mtp " + "/".join(f"{v:.3f}" for v in mtp_losses) if mtp_losses else "")
             mfu_s = f"{mfu:.1f}%" if mfu is not None else "n/a"
             print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f}{bal} "
                    f"| lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_s} "

@@ -395,3 +395,21 @@ def test_two_process_resume_restores_each_ranks_loader(base_dir):
     # resuming with another process count is refused in one line
     p = run_train(base_dir, args + ["--resume-from-step", "2"], check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "process" in p.stderr.strip().splitlines()[-1]
+
+
+def test_mtp_heads_train_and_log_per_head(base_dir):
+    tag = "mtp_heads"
+    run_train(base_dir, TINY + MOE + ["--mtp-heads", "2", "--mtp-weight", "0.5", "--num-iterations", "6",
+                                      "--eval-every", "3", "--model-tag", tag])
+    records = read_metrics(base_dir, tag)
+    header, trains = records[0], of_type(records, "train")
+    assert header["config"]["mtp_heads"] == 2 and header["params"]["mtp"] == 2 * 12 * D * D
+    # the heads' FLOPs are in the horizon: their blocks, the lm_head again, their attention
+    assert header["flops_per_token"] == (6 * (header["active_total"] - V * D) + 12 * L * N_HEAD * HEAD_DIM * T
+                                         + 2 * (6 * V * D + 12 * N_HEAD * HEAD_DIM * T))
+    assert all(len(r["mtp_losses"]) == 2 and all(math.isfinite(v) for v in r["mtp_losses"]) for r in trains)
+    # train_loss stays next-token: at step 1 it is ~ln(V), as are the heads' losses
+    assert trains[0]["train_loss"] == pytest.approx(math.log(V), abs=0.1)
+    assert trains[-1]["mtp_losses"][0] < trains[0]["mtp_losses"][0]
+    p = run_train(base_dir, TINY + ["--mtp-heads", "64", "--num-iterations", "1", "--model-tag", "x"], check=False)
+    assert p.returncode == 2 and "--mtp-heads must be in 0..63" in p.stderr

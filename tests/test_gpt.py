@@ -150,3 +150,69 @@ def test_rotary_and_attention_are_causal():
     a, b = model(idx), model(changed)
     assert torch.allclose(a[0, :10], b[0, :10], atol=1e-5)
     assert not torch.allclose(a[0, 10:], b[0, 10:], atol=1e-3)
+
+
+# ------------------------------------------------------------------------------- MTP heads
+
+def test_mtp_targets_are_the_shifted_tokens():
+    from nanochat.gpt import mtp_targets
+    # a row x = [10, 11, 12, 13, 14] has next-token targets y = [11, 12, 13, 14, 15]
+    y = torch.tensor([[11, 12, 13, 14, 15], [21, 22, -1, 24, 25]])
+    assert mtp_targets(y, 1).tolist() == [[12, 13, 14, 15, -1], [22, -1, 24, 25, -1]]  # token t+2
+    assert mtp_targets(y, 2).tolist() == [[13, 14, 15, -1, -1], [-1, 24, 25, -1, -1]]  # token t+3
+    assert mtp_targets(y, 7).tolist() == [[-1] * 5, [-1] * 5]
+
+
+def test_mtp_heads_leave_the_next_token_path_alone():
+    torch.manual_seed(0)
+    with_heads = build_model(dense_cfg(mtp_heads=2), "cpu")
+    plain = build_model(dense_cfg(), "cpu")  # N = 0: today's model
+    state = {k: v for k, v in with_heads.state_dict().items() if not k.startswith("mtp.")}
+    plain.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        for p in with_heads.parameters():  # nothing at init values: heads and trunk random
+            p.add_(0.05 * torch.randn_like(p))
+        plain.load_state_dict({k: v for k, v in with_heads.state_dict().items() if not k.startswith("mtp.")})
+    idx = torch.randint(0, 512, (2, 32))
+    ce, aux = with_heads(idx, idx.roll(-1, 1))
+    ce0, aux0 = plain(idx, idx.roll(-1, 1))
+    assert ce.item() == ce0.item() and aux0["mtp_losses"].numel() == 0 and aux["mtp_losses"].shape == (2,)
+    with_heads.eval()  # evaluation and generation: next-token only, no head computed
+    assert with_heads(idx, idx.roll(-1, 1))[1]["mtp_losses"].numel() == 0
+    assert torch.equal(with_heads(idx), plain.eval()(idx))
+
+
+def test_mtp_loss_at_init_is_the_trunk_predicting_further_ahead():
+    # A head starts as the identity (zero output projections), so head i's logits are the trunk's
+    # and its loss is the trunk's logits scored against the tokens i further on.
+    torch.manual_seed(0)
+    model = build_model(dense_cfg(mtp_heads=3), "cpu")
+    with torch.no_grad():
+        model.lm_head.weight.normal_(std=0.2)
+        for b in model.transformer.h:
+            b.mlp.c_proj.weight.normal_(std=0.05)
+    idx = torch.randint(0, 512, (2, 32))
+    y = torch.randint(0, 512, (2, 32))
+    _, aux = model(idx, y)
+    logits = model(idx)
+    for i in range(1, 4):
+        ref = torch.nn.functional.cross_entropy(logits[:, :32 - i].reshape(-1, 512), y[:, i:].reshape(-1))
+        assert aux["mtp_losses"][i - 1].item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_mtp_params_and_flops_hand_count():
+    from nanochat.optim import setup_optimizers
+    d, V, T, L, H = 64, 512, 32, 2, 2
+    base = build_model(dense_cfg(), "cpu")
+    model = build_model(dense_cfg(mtp_heads=2), "cpu")
+    c = model.num_scaling_params()
+    block = 4 * d * d + 8 * d * d  # attention q,k,v,proj + MLP 4d in and out
+    assert c["mtp"] == 2 * block and c["total"] == base.num_scaling_params()["total"] + 2 * block
+    assert c["active_total"] == c["total"]  # heads are trained on every token
+    # per head: 6 x (its block + the shared lm_head run again) + its attention term
+    per_head = 6 * (block + V * d) + 12 * H * (d // H) * T
+    assert model.estimate_flops() - base.estimate_flops() == 2 * per_head
+    adamw, muon = setup_optimizers(model)
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert all(id(p) in muon_ids for p in model.mtp.parameters())  # hidden matrices -> Muon
+    assert "MTP heads: 2" in describe_params(model)
