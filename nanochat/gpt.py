@@ -44,6 +44,10 @@ class GPTConfig:
     # Multi-token prediction (Gloeckle et al. 2024): mtp_heads extra heads, head i predicting
     # token t+1+i from the trunk's last hidden state through its own dense transformer block
     # and the shared lm_head. Training only: logits, val bpb and generation are next-token.
+    # Parallel heads rather than DeepSeek-V3's sequential modules: each head needs only the
+    # trunk's state, so heads are independent and cheap to add; the sequential chain (each
+    # module also reads the embedding of the token it was told) is worth wiring only if
+    # these help at our scale (dev/LOG.md).
     mtp_heads: int = 0
 
     def to_dict(self):
@@ -227,9 +231,10 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
         """idx: (B, T) token ids. Without targets: returns logits (B, T, V), fp32.
-        With targets: returns (cross_entropy, aux) where aux = {"balance_loss", "z_loss"}: the
-        Switch balance loss and router z-loss, each the SUM over MoE layers (zero tensors for
-        dense models); the trainer weights and adds them, so every layer's router feels the
+        With targets: returns (cross_entropy, aux) where aux = {"balance_loss", "z_loss",
+        "mtp_losses"}: the Switch balance loss and router z-loss, each the SUM over MoE layers
+        (zero tensors for dense models), and the (mtp_heads,) MTP head losses (empty unless
+        training with heads); the trainer weights and adds them, so every layer's router feels the
         full coefficient, as in Switch (Mesh-TF), GShard, DeepSeek and Megatron. Targets of -1 are ignored.
         kv_cache (inference, see nanochat/engine.py): idx are the tokens that follow the ones
         already cached; their rotary positions start at the cache position, and their keys and
