@@ -68,7 +68,7 @@ def upcycle(model, n_experts=8, topk=2, n_shared=0, moe_freq=1, router="sigmoid"
     new = _new_model(model, use_moe=True, n_experts=n_experts, expert_topk=topk, n_shared_experts=n_shared,
                      moe_freq=moe_freq, expert_hidden_mult=4, router=router, route_scale=route_scale,
                      aux_free_bias=aux_free_bias, capacity_factor=capacity_factor)
-    state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
+    state = {k: v for k, v in model.state_dict().items() if not (k.startswith("transformer.h.") and ".mlp." in k)}
     new.load_state_dict(state, strict=False)
     routed_share = topk / (topk + n_shared)  # the routed experts' part of the MLP's output
     with torch.no_grad():

@@ -119,7 +119,8 @@ def main():
     widths = [max(len(str(r[i])) for r in [header] + lines) for i in range(3)]
     for r in [header] + lines:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-    base = f"--depth {depth} --n-embd {d} --head-dim {head_dim} --max-seq-len {seq_len}"
+    base = f"--depth {depth} --n-embd {d} --head-dim {head_dim} --max-seq-len {seq_len}" + \
+        (f" --mtp-heads {args.mtp_heads}" if args.mtp_heads else "")
     print("\nbase_train flags:")
     print(f"  dense: {base}")
     print(f"  moe:   {base} --use-moe --n-experts {args.n_experts} --expert-topk {args.expert_topk} "

@@ -233,3 +233,15 @@ def test_forced_choices_are_what_makes_a_flipped_model_exact():
     assert set(choices) == {0, 1}
     r = verify(src, grown, idx)
     assert r["flips"] > 0 and r["unforced_max_abs_diff"] > TOLERANCE
+
+
+def test_mtp_heads_are_carried_through_every_transform():
+    # the heads are training-only (logits never see them): compare their losses in train mode
+    src = trained_like(dense(mtp_heads=2))
+    idx = batches(1)[0]
+    y = idx.roll(-1, dims=1)
+    want = src.train()(idx, y)[1]["mtp_losses"]
+    for grown in (upcycle(src), grow_width(src, 2), grow_depth(src, 1)):
+        assert grown.config.mtp_heads == 2
+        got = grown.train()(idx, y)[1]["mtp_losses"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -71,3 +71,13 @@ def test_default_width_is_base_trains_and_router_exact_is_the_option():
     # (8 * 256 - 64) / (2 * 8) = 124 -> 128 at --align 8; at --align 4: 124
     assert mult("--router-exact") == 128 / 256 and mult("--router-exact", "--align", "4") == 124 / 256
     assert mult("--expert-hidden-mult", "0.75") == 0.75
+
+
+def test_plans_mtp_heads_for_both_models():
+    r = subprocess.run([sys.executable, "-m", "scripts.iso_flops", "--depth", "2", "--n-embd", "64", "--head-dim", "32",
+                        "--vocab-size", "1024", "--max-seq-len", "256", "--mtp-heads", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    dense_fpt = float(re.search(r"FLOPs/token \(train\)\s+([0-9.e+]+)", r.stdout).group(1))
+    cfg = GPTConfig(sequence_len=256, vocab_size=1024, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, mtp_heads=2)
+    assert dense_fpt == pytest.approx(flops(cfg), rel=1e-4)
+    assert r.stdout.count("--max-seq-len 256 --mtp-heads 2") == 2  # the printed dense and MoE flags carry the heads
