@@ -63,8 +63,7 @@ def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, 
         dist.barrier()
     os.makedirs(d, exist_ok=True)
     if rank == 0:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        atomic_write(os.path.join(d, "model.safetensors"), lambda tmp: save_file(state, tmp))
+        _write_weights(d, model)
         atomic_write(os.path.join(d, "optim.pt"), lambda tmp: torch.save([o.state_dict() for o in optimizers], tmp))
     atomic_write_json(os.path.join(d, f"loader_rank{rank}.json"), loader_state)
     atomic_write_json(os.path.join(d, f"rng_rank{rank}.json"), rng_state())
@@ -81,13 +80,17 @@ def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, 
                 shutil.rmtree(_step_dir(ckpt_dir, old), ignore_errors=True)
 
 
+def _write_weights(d, model):
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(os.path.join(d, "model.safetensors"), lambda tmp: save_file(state, tmp))
+
+
 def save_weights_checkpoint(ckpt_dir, step, model, meta, loader_states):
     """A checkpoint with no optimizer state (a grown model's step 0: its run starts with a
     fresh optimizer via base_train --init-from). loader_states: one per rank of the source."""
     d = _step_dir(ckpt_dir, step)
     os.makedirs(d, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(os.path.join(d, "model.safetensors"), lambda tmp: save_file(state, tmp))
+    _write_weights(d, model)
     for rank, loader_state in enumerate(loader_states):
         atomic_write_json(os.path.join(d, f"loader_rank{rank}.json"), loader_state)
     atomic_write_json(os.path.join(d, "meta.json"), meta)

@@ -126,7 +126,7 @@ def grow_width(model, mult, seed=0):
             new_state[name] = torch.cat([w] * mult, dim=1)
         elif name == "lm_head.weight" or name.endswith("router.weight"):  # read the stream, split
             new_state[name] = _widen(w, mult, g, dup_out=False)
-        elif leaf in ("expert_bias",):                 # per expert: unchanged
+        elif leaf == "expert_bias":                    # per expert: unchanged
             new_state[name] = w
         elif w.dim() >= 2:  # every other matrix reads copied units and writes copied units
             new_state[name] = _widen(w, mult, g)
@@ -169,20 +169,19 @@ def grow_depth(model, n, source_layer=-1):
     for i, block in enumerate(old_blocks):
         for k, v in block.state_dict().items():
             new_state[f"transformer.h.{layer_map[i]}.{k}"] = v
-    with torch.no_grad():
-        for p in range(src + 1, src + n + 1):
-            want_moe = blocks[p].is_moe
-            same_kind = [i for i in range(L) if old_blocks[i].is_moe == want_moe]
-            earlier = [i for i in same_kind if i <= src]
-            ffn_src = max(earlier) if earlier else min(same_kind)
-            for k, v in old_blocks[src].attn.state_dict().items():
-                new_state[f"transformer.h.{p}.attn.{k}"] = v
-            for k, v in old_blocks[ffn_src].mlp.state_dict().items():
-                new_state[f"transformer.h.{p}.mlp.{k}"] = v
-            for k in ("attn.c_proj.weight", "mlp.c_proj.weight", "mlp.w_proj", "mlp.shared_proj.weight"):
-                key = f"transformer.h.{p}.{k}"
-                if key in new_state:
-                    new_state[key] = torch.zeros_like(new_state[key])
+    for p in range(src + 1, src + n + 1):
+        want_moe = blocks[p].is_moe
+        same_kind = [i for i in range(L) if old_blocks[i].is_moe == want_moe]
+        earlier = [i for i in same_kind if i <= src]
+        ffn_src = max(earlier) if earlier else min(same_kind)
+        for k, v in old_blocks[src].attn.state_dict().items():
+            new_state[f"transformer.h.{p}.attn.{k}"] = v
+        for k, v in old_blocks[ffn_src].mlp.state_dict().items():
+            new_state[f"transformer.h.{p}.mlp.{k}"] = v
+        for k in ("attn.c_proj.weight", "mlp.c_proj.weight", "mlp.w_proj", "mlp.shared_proj.weight"):
+            key = f"transformer.h.{p}.{k}"
+            if key in new_state:
+                new_state[key] = torch.zeros_like(new_state[key])
     new.load_state_dict(new_state, strict=True)
     return new
 

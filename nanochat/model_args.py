@@ -150,8 +150,8 @@ def resolve_init_from(args, given, world_size):
         wanted["head_dim"] = args.head_dim
     cfg_view = dict(cfg, head_dim=cfg["n_embd"] // cfg["n_head"])
     for name, value in wanted.items():
-        field_name = INIT_FROM_FIXED.get(name, name)
-        if field_name in cfg_view and value != cfg_view[field_name] and (name != "use_moe" or value):
+        field_name = INIT_FROM_FIXED.get(name, name)  # head_dim is derived: n_embd / n_head
+        if value != cfg_view[field_name]:  # (--use-moe, when given, is True)
             raise UserError(f"--{name.replace('_', '-')} {value} contradicts the --init-from checkpoint's {field_name} "
                             f"{cfg_view[field_name]} ({ckpt}); drop the flag, or change the shape with scripts.grow")
     require("aspect_ratio" not in given or "n_embd" in given or args.aspect_ratio * cfg["n_layer"] == cfg["n_embd"],

@@ -39,6 +39,13 @@ class MetricsLog:
             self.f.close()
 
 
+def init_source(header):
+    """The checkpoint a run's weights came from (base_train --init-from; through scripts.grow,
+    the checkpoint that was grown), or None for a run from a random init."""
+    init = header.get("init_from") or {}
+    return (init.get("grown_from") or {}).get("checkpoint") or init.get("checkpoint")
+
+
 def peak_memory_mb(device_type):
     """Peak CUDA allocator memory, or the process's peak resident set on CPU."""
     if device_type == "cuda":

@@ -517,7 +517,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     wandb_run.finish()
     rows = [("model", model_tag), ("params total / active", f"{params['total']:,} / {params['active_total']:,}"),
             ("FLOPs/token", f"{flops_per_token:.4e}"), ("tokens", f"{summary['tokens']:,}"),
-            ("FLOPs", f"{state.flops:.4e}" + (f" (incl. {init_flops:.4e} before --init-from)" if init_flops else "")), ("epochs (passes over the train data)", f"{summary['epochs']:.2f}"),
+            ("FLOPs", f"{state.flops:.4e}" + (f" (incl. {init_flops:.4e} before --init-from)" if init_flops else "")),
+            ("epochs (passes over the train data)", f"{summary['epochs']:.2f}"),
             ("final val bpb", f"{state.val_bpb:.4f}"),
             ("entropy floor", f"{entropy_floor:.4f}" if entropy_floor is not None else "n/a"),
             ("tok/s (mean step)", f"{avg_tok_s:,.0f}"), ("wall time", f"{wall:.1f}s"),

@@ -30,6 +30,7 @@ import math
 import os
 
 from nanochat.common import UserError, ArgumentParser, run_main, run_dir, read_metrics, atomic_write_text
+from nanochat.report import init_source
 
 
 def load_run(run):
@@ -55,8 +56,7 @@ def lineage_evals(header, depth=0):
     """Evals (flops, val_bpb) of the runs a run was started from (base_train --init-from, through
     scripts.grow), oldest first and up to the checkpoint each one was taken at, so a grown run's
     curve shows all its phases on the FLOPs axis. Sources that are gone are skipped."""
-    init = header.get("init_from") or {}
-    source = (init.get("grown_from") or {}).get("checkpoint") or init.get("checkpoint")
+    source = init_source(header)
     if not source or depth > 32:
         return []
     name = os.path.basename(os.path.normpath(source))

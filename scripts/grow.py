@@ -11,7 +11,7 @@ source's tokenizer, data and loader position (training continues the data stream
 config, and no optimizer state. Verification: max |logit difference| in fp32 on
 --verify-batches validation batches, with an MoE source's expert choices forced (rounding can
 flip a near-tie; the unforced flips are reported). A failed verification writes nothing and
-exits 1. The last line is `verification: max abs logit difference <x> (PASSED < 1e-4)`.
+exits 1. The last line is `verification: max abs logit difference <x> (PASSED < 0.0001) ...`.
 """
 
 import os
@@ -95,8 +95,8 @@ def main(argv=None):
         done.append(f"width x{args.width_mult}")
     if args.add_layers:
         n_layer = grown.config.n_layer
-        src_layer = args.source_layer % n_layer if -n_layer <= args.source_layer < n_layer else args.source_layer
-        grown = grow_depth(grown, args.add_layers, args.source_layer)
+        grown = grow_depth(grown, args.add_layers, args.source_layer)  # checks --source-layer
+        src_layer = args.source_layer % n_layer
         moved = depth_layer_map(n_layer, args.add_layers, src_layer)
         layer_map = {i: moved[j] for i, j in layer_map.items()}
         done.append(f"+{args.add_layers} layers after layer {src_layer}")

@@ -16,7 +16,7 @@ import json
 import os
 
 from nanochat.common import require, ArgumentParser, run_main, run_dir, read_metrics, atomic_write_text
-from nanochat.report import summary_table
+from nanochat.report import init_source
 
 
 def parse_args(argv=None):
@@ -48,9 +48,7 @@ def state_memory_mb(header):
 
 def check_lineage(phases):
     for prev, cur in zip(phases, phases[1:]):
-        init = cur["header"].get("init_from") or {}
-        src = init.get("grown_from", {}) or {}
-        source_ckpt = os.path.normpath(src.get("checkpoint") or init.get("checkpoint") or "")
+        source_ckpt = os.path.normpath(init_source(cur["header"]) or "")
         require(source_ckpt.startswith(os.path.abspath(prev["folder"]) + os.sep),
                 f"{cur['run']} was not started from {prev['run']} (its --init-from source is {source_ckpt or 'none'})")
 
