@@ -96,6 +96,12 @@ def runs():
     add("s_moe8_af", SMALL, MOE8_AF, 2e13, seed=43)
     add("s_dense", SMALL, [], 2e13, seed=43)
     add("s_moe8", SMALL, MOE8, 2e13)
+    # issue 14 at the 1e13 baselines' budget: one MTP head (run by hand first, listed for the
+    # record), and Mixture-of-Depths at Raposo et al.'s 12.5% capacity on every other block
+    add("s_dense_mtp1", SMALL, ["--mtp-heads", "1"], 1e13)
+    add("s_moe8_af_mtp1", SMALL, MOE8_AF + ["--mtp-heads", "1"], 1e13)
+    add("s_dense_mod0.125", SMALL, ["--mod-capacity", "0.125", "--mod-freq", "2"], 1e13)
+    add("s_moe8_af_mod0.125", SMALL, MOE8_AF + ["--mod-capacity", "0.125", "--mod-freq", "2"], 1e13)
     return out
 
 

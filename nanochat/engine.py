@@ -30,9 +30,14 @@ from nanochat.tokenizer import SPECIAL_TOKENS, BOS
 class KVCache:
     """Per-layer keys and values of shape (B, n_kv_head, max_len, head_dim), and `pos`, the
     number of positions filled (the same for every row: rows are prompts of equal length
-    generating in lockstep). The model's rotary offset for new tokens is get_pos()."""
+    generating in lockstep). The model's rotary offset for new tokens is get_pos().
 
-    def __init__(self, batch_size, n_layer, n_kv_head, head_dim, max_len):
+    Mixture-of-Depths blocks (routed_layers) keep only the tokens they processed, packed to
+    the left of each row (their keys were rotated at their absolute positions before they
+    were stored, so the packing loses nothing), with a per-row count; their storage starts at
+    routed_len slots and doubles when a row needs more (up to max_len)."""
+
+    def __init__(self, batch_size, n_layer, n_kv_head, head_dim, max_len, routed_layers=(), routed_len=None):
         self.batch_size, self.n_layer, self.n_kv_head, self.head_dim = batch_size, n_layer, n_kv_head, head_dim
         self.max_len = max_len
         self.pos = 0
@@ -40,26 +45,69 @@ class KVCache:
         # under CUDA autocast, fp32 on CPU) rather than having to be guessed here.
         self.k = [None] * n_layer
         self.v = [None] * n_layer
+        self.routed = set(routed_layers)
+        self.routed_len = routed_len or max_len
+        self.lengths = {}  # routed layer -> (B,) tokens stored per row
+        self.filled = {}   # routed layer -> max over rows of lengths (a host int: slices need one)
 
     def get_pos(self):
         return self.pos
 
+    def advance(self, n):
+        """Called by the model after each forward: n positions were consumed."""
+        assert self.pos + n <= self.max_len, f"KV cache full: {self.pos + n} positions > max_len {self.max_len}"
+        self.pos += n
+
+    def _allocate(self, layer_idx, like, slots):
+        shape = (self.batch_size, self.n_kv_head, slots, self.head_dim)
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
     def insert_kv(self, layer_idx, k, v):
         """Store k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T of this layer and
         return all keys and values so far, (B, n_kv_head, pos+T, head_dim). The position
-        advances after the last layer has written, so every layer of one forward sees the
-        same offset."""
+        advances when the model's forward is done (advance), so every layer of one forward
+        sees the same offset."""
         t0, t1 = self.pos, self.pos + k.size(2)
         assert t1 <= self.max_len, f"KV cache full: {t1} positions > max_len {self.max_len}"
+        assert layer_idx not in self.routed, "a routed (MoD) layer stores with append_routed"
         if self.k[layer_idx] is None:
-            shape = (self.batch_size, self.n_kv_head, self.max_len, self.head_dim)
-            self.k[layer_idx] = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.v[layer_idx] = torch.empty(shape, dtype=v.dtype, device=v.device)
+            self.k[layer_idx] = self._allocate(layer_idx, k, self.max_len)
+            self.v[layer_idx] = self._allocate(layer_idx, v, self.max_len)
         self.k[layer_idx][:, :, t0:t1] = k
         self.v[layer_idx][:, :, t0:t1] = v
-        if layer_idx == self.n_layer - 1:
-            self.pos = t1
         return self.k[layer_idx][:, :, :t1], self.v[layer_idx][:, :, :t1]
+
+    def routed_kv(self, layer_idx):
+        """(keys, values, lengths) of a routed layer: (B, n_kv_head, max(lengths), head_dim),
+        row b valid in its first lengths[b] slots; (None, None, None) before any token."""
+        if self.k[layer_idx] is None:
+            return None, None, None
+        n = self.filled[layer_idx]
+        return self.k[layer_idx][:, :, :n], self.v[layer_idx][:, :, :n], self.lengths[layer_idx]
+
+    def append_routed(self, layer_idx, k, v, select):
+        """Append the selected new tokens' k, v (B, n_kv_head, T, head_dim), select (B, T) bool,
+        after each row's stored ones, in order. lengths is replaced, not updated in place (a
+        caller may still hold the old one)."""
+        assert layer_idx in self.routed, f"layer {layer_idx} is not a routed (MoD) layer"
+        old = self.lengths.get(layer_idx)
+        if old is None:
+            old = torch.zeros(self.batch_size, dtype=torch.long, device=k.device)
+        new = old + select.sum(dim=1)
+        need = int(new.max())
+        if self.k[layer_idx] is None or need > self.k[layer_idx].size(2):
+            slots = self.routed_len if self.k[layer_idx] is None else 2 * self.k[layer_idx].size(2)
+            slots = min(self.max_len, max(slots, need))
+            grown_k, grown_v = self._allocate(layer_idx, k, slots), self._allocate(layer_idx, v, slots)
+            if self.k[layer_idx] is not None:
+                n = self.filled[layer_idx]
+                grown_k[:, :, :n], grown_v[:, :, :n] = self.k[layer_idx][:, :, :n], self.v[layer_idx][:, :, :n]
+            self.k[layer_idx], self.v[layer_idx] = grown_k, grown_v
+        rows, cols = select.nonzero(as_tuple=True)
+        slot = (old[:, None] + select.long().cumsum(dim=1) - 1)[rows, cols]
+        self.k[layer_idx][rows, :, slot] = k[rows, :, cols]
+        self.v[layer_idx][rows, :, slot] = v[rows, :, cols]
+        self.lengths[layer_idx], self.filled[layer_idx] = new, need
 
     def repeat_rows(self, n):
         """Each row becomes n consecutive rows (row r -> rows r*n .. r*n+n-1): one prefilled
@@ -69,14 +117,17 @@ class KVCache:
         self.batch_size *= n
         self.k = [None if t is None else t.repeat_interleave(n, dim=0) for t in self.k]
         self.v = [None if t is None else t.repeat_interleave(n, dim=0) for t in self.v]
+        self.lengths = {i: t.repeat_interleave(n, dim=0) for i, t in self.lengths.items()}
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
 def new_kv_cache(model, batch_size, max_len):
+    from nanochat.mod import routed_cache_capacity
     cfg = model.config
-    return KVCache(batch_size, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, max_len)
+    return KVCache(batch_size, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, max_len,
+                   routed_layers=model.mod_layers(), routed_len=routed_cache_capacity(cfg.mod_capacity, max_len))
 
 
 def apply_repetition_penalty(logits, history, penalty):

@@ -5,6 +5,7 @@ The GPT, nanochat style:
 - RMSNorm without learnable parameters (functional)
 - optional Mixture-of-Experts in place of the MLP (use_moe; every moe_freq-th layer)
 - optional multi-token prediction heads (mtp_heads; training only)
+- optional Mixture-of-Depths (mod_capacity; every mod_freq-th block; see nanochat/mod.py)
 """
 
 from dataclasses import dataclass, asdict
@@ -14,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.moe import MoE
+from nanochat.mod import (MoDRouter, mod_tokens, topk_positions, gather_tokens, scatter_tokens, gather_rotary,
+                          straight_through_gate, predictor_stats, routed_attention_mask)
 
 
 @dataclass
@@ -49,6 +52,11 @@ class GPTConfig:
     # module also reads the embedding of the token it was told) is worth wiring only if
     # these help at our scale (dev/LOG.md).
     mtp_heads: int = 0
+    # Mixture-of-Depths (Raposo et al. 2024; nanochat/mod.py): every mod_freq-th block (layer i
+    # when (i + 1) % mod_freq == 0) processes only round(mod_capacity * T) tokens of each
+    # sequence in training, chosen by its router; 0 = off. Works with dense and MoE FFNs.
+    mod_capacity: float = 0.0
+    mod_freq: int = 2
 
     def to_dict(self):
         return asdict(self)
@@ -56,6 +64,10 @@ class GPTConfig:
     def is_moe_layer(self, layer_idx):
         # moe_freq=2 -> layers 1, 3, 5, ... are MoE (every other FFN, as in GShard/Switch).
         return self.use_moe and (layer_idx + 1) % self.moe_freq == 0
+
+    def is_mod_layer(self, layer_idx):
+        # mod_freq=2 -> blocks 1, 3, 5, ... are routed (every other block, as in Raposo et al.).
+        return self.mod_capacity > 0 and (layer_idx + 1) % self.mod_freq == 0
 
 
 def norm(x):
@@ -82,7 +94,9 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos_sin, kv_cache=None):
+    def forward(self, x, cos_sin, kv_cache=None, select=None):
+        """select (B, T) bool: a routed (MoD) block under the causal rule; only the selected
+        tokens are keys, and with a cache only they are stored (nanochat/mod.py)."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -92,7 +106,18 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(q), norm(k)  # QK-norm: keeps attention logits bounded without a softcap
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = self.n_kv_head != self.n_head
-        if kv_cache is None:  # training / full-context path
+        if select is not None:
+            n_cached, lengths = 0, None
+            if kv_cache is not None:
+                old_k, old_v, lengths = kv_cache.routed_kv(self.layer_idx)
+                new_k, new_v = k, v
+                if old_k is not None:  # read (copied) before this call's tokens are appended
+                    n_cached = old_k.size(2)
+                    k, v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+                kv_cache.append_routed(self.layer_idx, new_k, new_v, select)
+            mask = routed_attention_mask(select, n_cached, lengths)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif kv_cache is None:  # training / full-context path
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             # Inference: the new tokens attend to every cached key plus the new ones.
@@ -124,14 +149,39 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.is_moe = config.is_moe_layer(layer_idx) and not dense
         self.mlp = MoE(config) if self.is_moe else MLP(config)
+        # Mixture-of-Depths: a routed block has a router and a causal predictor (nanochat/mod.py)
+        self.mod = MoDRouter(config.n_embd) if config.is_mod_layer(layer_idx) and not dense else None
+        self.mod_capacity = config.mod_capacity
+        self.mod_rule = "auto"  # auto: top-k in training, the causal predictor in eval; "topk": top-k always
+
+    def _residual(self, x, cos_sin, kv_cache=None, gate=None, select=None):
+        """x + attn, then + FFN; gate (B, T, 1) multiplies both residual branches (MoD)."""
+        scale = (lambda y: y) if gate is None else (lambda y: gate * y)
+        x = x + scale(self.attn(norm(x), cos_sin, kv_cache, select))
+        if self.is_moe:  # MoE layers need nothing for a KV cache: routing is per token
+            y, moe_losses = self.mlp(norm(x))
+            return x + scale(y), moe_losses
+        return x + scale(self.mlp(norm(x))), None
 
     def forward(self, x, cos_sin, kv_cache=None):
-        # MoE layers need nothing for a KV cache: routing is per token.
-        x = x + self.attn(norm(x), cos_sin, kv_cache)
-        if self.is_moe:
-            y, moe_losses = self.mlp(norm(x))
-            return x + y, moe_losses
-        return x + self.mlp(norm(x)), None
+        """Returns (x, MoE losses or None, MoD statistics (3,) or None)."""
+        if self.mod is None:
+            return (*self._residual(x, cos_sin, kv_cache), None)
+        xn = norm(x)
+        if self.training or self.mod_rule == "topk":
+            # top-k of each sequence: static shapes (k is fixed by T), not causal
+            assert kv_cache is None, "top-k routing needs the whole sequence: no KV cache"
+            scores = self.mod.scores(xn)
+            positions = topk_positions(scores, mod_tokens(x.size(1), self.mod_capacity))
+            gate = straight_through_gate(scores.gather(1, positions)).unsqueeze(-1).to(x.dtype)
+            out, moe_losses = self._residual(gather_tokens(x, positions), gather_rotary(cos_sin, positions), gate=gate)
+            return scatter_tokens(x, positions, out), moe_losses, predictor_stats(self.mod.predict(xn), positions)
+        # the causal rule: a token is processed when the predictor says it would be in the top-k
+        select = self.mod.predict(xn) > 0
+        if kv_cache is not None and not bool(select.any()):  # inference only (a host sync): skip the block
+            return x, None, None
+        out, _ = self._residual(x, cos_sin, kv_cache, select=select)
+        return torch.where(select.unsqueeze(-1), out, x), None, None
 
 
 class GPT(nn.Module):
@@ -166,6 +216,8 @@ class GPT(nn.Module):
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 torch.nn.init.uniform_(lin.weight, -s, s)
             torch.nn.init.zeros_(block.attn.c_proj.weight)
+            if block.mod is not None:
+                block.mod.init_weights()
             if block.is_moe:
                 block.mlp.init_weights()  # experts like the MLP below; a small random router
             else:
@@ -197,9 +249,11 @@ class GPT(nn.Module):
         parts. Shared experts run for every token: they are active, never inactive."""
         counts = {"wte": self.transformer.wte.weight.numel(), "lm_head": self.lm_head.weight.numel(),
                   "attn": 0, "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "moe_inactive": 0,
-                  "mtp": sum(p.numel() for p in self.mtp.parameters())}
+                  "mtp": sum(p.numel() for p in self.mtp.parameters()), "mod": 0}
         for block in self.transformer.h:
             counts["attn"] += sum(p.numel() for p in block.attn.parameters())
+            if block.mod is not None:  # MoD routers and predictors: all active (every token is scored)
+                counts["mod"] += sum(p.numel() for p in block.mod.parameters())
             if block.is_moe:
                 moe = block.mlp.param_counts()
                 for key in ("experts", "shared_experts", "router"):
@@ -214,18 +268,41 @@ class GPT(nn.Module):
     def estimate_flops(self):
         """Training FLOPs per token, active parameters only (contract): 6 per active matmul
         weight (2 forward, 4 backward; the embedding is a lookup, not a matmul) plus the
-        attention scores/values term 12 * n_layer * n_head * head_dim * seq_len (Kaplan et al.
+        attention scores/values term 12 * n_head * head_dim * seq_len per layer (Kaplan et al.
         2020 / PaLM appendix B, as nanochat counts it). MTP heads: their blocks' weights and
         attention like a layer's, plus the shared lm_head once more per head (its matmul runs
-        again on each head's hidden state)."""
-        counts = self.num_scaling_params()
+        again on each head's hidden state). A MoD block runs on k = mod_tokens(T, C) of every T
+        tokens, and its attention spans k: (k/T) * (6 * its active weights + 12 * n_head *
+        head_dim * k), plus its router and predictor on every token (MoDRouter.flops_per_token)."""
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
-        matmul_params = counts["active_total"] - counts["wte"] + cfg.mtp_heads * counts["lm_head"]
-        return 6 * matmul_params + 12 * (cfg.n_layer + cfg.mtp_heads) * cfg.n_head * head_dim * cfg.sequence_len
+        attention = lambda span: 12 * cfg.n_head * head_dim * span
+        lm_head = self.lm_head.weight.numel()
+        flops = 6 * lm_head * (1 + cfg.mtp_heads)
+        flops += sum(6 * sum(p.numel() for p in head.parameters()) + attention(cfg.sequence_len) for head in self.mtp)
+        for block in self.transformer.h:
+            active = sum(p.numel() for name, p in block.named_parameters() if not name.startswith("mod."))
+            if block.is_moe:
+                active -= block.mlp.param_counts()["inactive"]
+            if block.mod is None:
+                flops += 6 * active + attention(cfg.sequence_len)
+            else:
+                k = mod_tokens(cfg.sequence_len, cfg.mod_capacity)
+                flops += k / cfg.sequence_len * (6 * active + attention(k)) + block.mod.flops_per_token()
+        return flops
 
     def num_moe_layers(self):
         return sum(1 for block in self.transformer.h if block.is_moe)
+
+    def mod_layers(self):
+        return [i for i, block in enumerate(self.transformer.h) if block.mod is not None]
+
+    def set_mod_rule(self, rule):
+        """MoD blocks' routing outside training: "auto" (the causal predictor in eval mode) or
+        "topk" (top-k of the whole sequence even in eval: not causal, a diagnostic only)."""
+        assert rule in ("auto", "topk"), rule
+        for i in self.mod_layers():
+            self.transformer.h[i].mod_rule = rule
 
     # ------------------------------------------------------------------ forward
 
@@ -244,11 +321,15 @@ class GPT(nn.Module):
         assert t0 + T <= self.cos.size(1), f"sequence length {t0 + T} exceeds rotary cache {self.cos.size(1)}"
         cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
         x = norm(self.transformer.wte(idx))
-        moe_losses = []
+        moe_losses, mod_stats = [], []
         for block in self.transformer.h:
-            x, layer_losses = block(x, cos_sin, kv_cache)
+            x, layer_losses, layer_mod = block(x, cos_sin, kv_cache)
             if layer_losses is not None:
                 moe_losses.append(layer_losses)
+            if layer_mod is not None:
+                mod_stats.append(layer_mod)
+        if kv_cache is not None:
+            kv_cache.advance(T)
         logits = self._logits(x)
         if targets is None:
             return logits
@@ -263,11 +344,15 @@ class GPT(nn.Module):
         mtp = []
         if self.training:
             for i, head in enumerate(self.mtp, start=1):
-                h, _ = head(x, cos_sin)
+                h, _, _ = head(x, cos_sin)
                 head_logits = self._logits(h)
                 mtp.append(F.cross_entropy(head_logits.view(-1, head_logits.size(-1)),
                                            mtp_targets(targets, i).reshape(-1), ignore_index=-1))
         aux["mtp_losses"] = torch.stack(mtp) if mtp else logits.new_zeros(0)
+        # MoD (top-k routing only, i.e. training): (n_mod, 3) per routed block = [the causal
+        # predictor's BCE (its loss: the trainer adds the sum), fraction it would process,
+        # its agreement with the top-k]
+        aux["mod_stats"] = torch.stack(mod_stats) if mod_stats else logits.new_zeros(0, 3)
         return loss, aux
 
     def _logits(self, x):
@@ -317,5 +402,11 @@ def describe_params(model):
     lines.append(f"Layers: {n_moe} MoE + {cfg.n_layer - n_moe} dense (of {cfg.n_layer})"
                  + (f"; MTP heads: {cfg.mtp_heads} (training only, {format_count(c['mtp'])} params, "
                     f"predicting tokens t+2..t+{cfg.mtp_heads + 1})" if cfg.mtp_heads else ""))
+    mod = model.mod_layers()
+    if mod:
+        k = mod_tokens(cfg.sequence_len, cfg.mod_capacity)
+        lines.append(f"MoD blocks: {len(mod)} of {cfg.n_layer} (layers {','.join(map(str, mod))}), capacity "
+                     f"{cfg.mod_capacity:g}: top-{k} of {cfg.sequence_len} tokens per sequence in training, the causal "
+                     f"predictor in eval/generation ({format_count(c['mod'])} router+predictor params; all params active)")
     lines.append(f"FLOPs/token (train, active): {model.estimate_flops():.4e}")
     return "\n".join(lines)

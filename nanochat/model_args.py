@@ -43,6 +43,9 @@ def add_model_args(p, planner=False):
     p.add_argument("--max-seq-len", type=int, default=None, help=f"context length in tokens (default {SHAPE_DEFAULTS['max_seq_len']})")
     p.add_argument("--mtp-heads", type=int, default=0,
                    help="multi-token prediction heads (training only): head i also predicts token t+1+i (0 = off)")
+    p.add_argument("--mod-capacity", type=float, default=0.0,
+                   help="Mixture-of-Depths: fraction of each sequence's tokens a routed block processes, e.g. 0.125 (0 = off)")
+    p.add_argument("--mod-freq", type=int, default=2, help="--mod-capacity: every n-th block is routed (2 = every other)")
     if not planner:
         p.add_argument("--use-moe", action="store_true", help="replace MLPs with a token-choice top-k MoE")
     p.add_argument("--n-experts", type=int, default=8)
@@ -86,6 +89,9 @@ def validate_model_args(args):
     """The cheap checks of the shape and MoE flags, before any work. Raises UserError."""
     depth, seq = model_shape(args)[0], model_shape(args)[5]
     require(0 <= args.mtp_heads < seq, f"--mtp-heads must be in 0..{seq - 1} (--max-seq-len {seq}; got {args.mtp_heads})")
+    require(0 <= args.mod_capacity <= 1, f"--mod-capacity must be in [0, 1], 0 = off (got {args.mod_capacity})")
+    require(not args.mod_capacity or 1 <= args.mod_freq <= depth,
+            f"--mod-freq must be in 1..--depth {depth}, or no block is routed (got {args.mod_freq})")
     if not getattr(args, "use_moe", True):  # planners have no --use-moe: they always plan an MoE
         return
     require(args.n_experts >= 1, f"--n-experts must be >= 1 (got {args.n_experts})")
@@ -107,7 +113,7 @@ def config_from_args(args, vocab_size, **overrides):
     for a dense model; an --expert-hidden-mult of 0 means iso-FLOPs with the dense MLP."""
     depth, n_embd, n_head, n_kv_head, _, seq = model_shape(args)
     cfg = dict(sequence_len=seq, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
-               mtp_heads=args.mtp_heads)
+               mtp_heads=args.mtp_heads, mod_capacity=args.mod_capacity, mod_freq=args.mod_freq)
     if getattr(args, "use_moe", True):
         cfg.update(use_moe=True, n_experts=args.n_experts, expert_topk=args.expert_topk, moe_freq=args.moe_freq,
                    n_shared_experts=args.n_shared_experts,
@@ -124,7 +130,7 @@ def config_from_args(args, vocab_size, **overrides):
 INIT_FROM_FIXED = dict(depth="n_layer", n_embd="n_embd", n_kv_head="n_kv_head", max_seq_len="sequence_len",
                        use_moe="use_moe", n_experts="n_experts", expert_topk="expert_topk", moe_freq="moe_freq",
                        n_shared_experts="n_shared_experts", expert_hidden_mult="expert_hidden_mult", router="router",
-                       route_scale="route_scale", mtp_heads="mtp_heads")
+                       route_scale="route_scale", mtp_heads="mtp_heads", mod_capacity="mod_capacity", mod_freq="mod_freq")
 
 
 def resolve_init_from(args, given, world_size):
@@ -173,4 +179,5 @@ def resolve_init_from(args, given, world_size):
     args.n_shared_experts, args.expert_hidden_mult = config.n_shared_experts, config.expert_hidden_mult
     args.router, args.route_scale = config.router, config.route_scale
     args.aux_free_bias, args.capacity_factor = config.aux_free_bias, config.capacity_factor
+    args.mtp_heads, args.mod_capacity, args.mod_freq = config.mtp_heads, config.mod_capacity, config.mod_freq
     return dict(checkpoint=ckpt, meta=meta, config=config)

@@ -82,13 +82,14 @@ def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr
     - AdamW for the router too: the gate is a small classifier (n_experts x d) whose rows
       should move at the rate their own gradients ask for. Muon would give every expert's
       logit the same update magnitude (all singular values 1), which amplifies the small,
-      noisy early gradients of rarely chosen experts and fights the balance loss.
+      noisy early gradients of rarely chosen experts and fights the balance loss. The
+      Mixture-of-Depths router and causal predictor (a 1 x d row and a bias each) join them.
     """
     d_model = model.config.n_embd
     lr_scale = (d_model / 768) ** -0.5
     router_params, matrix_params = [], []
     for name, p in [*model.transformer.h.named_parameters(), *model.mtp.named_parameters()]:
-        (router_params if ".router." in name else matrix_params).append(p)
+        (router_params if ".router." in name or ".mod." in name else matrix_params).append(p)
     adam_groups = [
         dict(params=[model.lm_head.weight], lr=unembedding_lr * lr_scale),
         dict(params=[model.transformer.wte.weight], lr=embedding_lr * lr_scale),
@@ -103,7 +104,7 @@ def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr
     for opt in (adamw, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
-    print0(f"Optimizers: AdamW (embedding, lm_head, {len(router_params)} routers), Muon ({len(matrix_params)} matrices)")
+    print0(f"Optimizers: AdamW (embedding, lm_head, {len(router_params)} router tensors), Muon ({len(matrix_params)} matrices)")
     return [adamw, muon]
 
 

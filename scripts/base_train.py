@@ -62,7 +62,7 @@ def build_parser():
     p.add_argument("--embedding-lr", type=float, default=0.2)
     p.add_argument("--unembedding-lr", type=float, default=0.004)
     p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr (attention, MLP, experts)")
-    p.add_argument("--router-lr", type=float, default=0.004, help="AdamW lr of the MoE routers")
+    p.add_argument("--router-lr", type=float, default=0.004, help="AdamW lr of the MoE routers and MoD routers/predictors")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=None,
                    help="fraction of the steps with a linear LR warm-up (default 0; 0.05 with --init-from: a fresh "
@@ -231,6 +231,7 @@ class RunState:
     step: int = 0
     flops: float = 0.0
     val_bpb: float = float("nan")
+    val_bpb_topk: float = float("nan")  # MoD: the final eval with top-k routing (not causal)
     min_val_bpb: float = float("inf")
     smooth_loss: float = 0.0      # EMA of the printed training loss (continued on resume)
     loader_state: dict = None     # loader position after the last batch trained on
@@ -319,7 +320,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     print0(f"Steps: {num_iterations:,} (from {horizon}) x {tokens_per_step:,} tokens = {total_tokens:,} tokens, "
            f"{flops_per_token * total_tokens:.3e} FLOPs; grad accum {grad_accum} x {world_size} process(es)")
     print0(f"LR: matrix {args.matrix_lr:g}, embedding {args.embedding_lr:g}, unembedding {args.unembedding_lr:g}"
-           + (f", router {args.router_lr:g}" if config.use_moe else "")
+           + (f", router {args.router_lr:g}" if config.use_moe or config.mod_capacity else "")
            + f" | warm-up {args.warmup_ratio:g}, warm-down {args.warmdown_ratio:g} of the steps | device {device_type} x {world_size}")
     if entropy_floor is not None:
         print0(f"Entropy floor of the validation data: {entropy_floor:.4f} bits/byte (irreducible)")
@@ -329,6 +330,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                                                 router_lr=args.router_lr, weight_decay=args.weight_decay,
                                                 device_type=device_type)
     n_moe_layers = max(1, model.num_moe_layers())
+    n_mod = len(model.mod_layers())
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
     # Fixed shapes, one graph: the MoE's tensors are sized by (tokens, k, experts) only; how many
     # tokens each expert got is data (grouped-GEMM offsets), never a shape. So dynamic=False (no
@@ -337,7 +339,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     train_model = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
     autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
 
-    model_tag = args.model_tag or (f"d{config.n_layer}" + (f"_moe{args.n_experts}k{args.expert_topk}" if args.use_moe else ""))
+    model_tag = args.model_tag or (f"d{config.n_layer}" + (f"_moe{args.n_experts}k{args.expert_topk}" if args.use_moe else "")
+                                   + (f"_mod{config.mod_capacity:g}" if config.mod_capacity else ""))
     run_dir = os.path.join(get_base_dir(), "runs", model_tag)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     state = RunState(flops=init_flops)
@@ -405,7 +408,14 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
             state.val_bpb = evaluate(model, batches(val_shards, None, False), eval_steps, token_bytes, autocast)
             floor = f" | floor {entropy_floor:.4f} (+{state.val_bpb - entropy_floor:.4f})" if entropy_floor is not None else ""
             print0(f"step {step:05d} | val bpb {state.val_bpb:.4f}{floor}")
-            metrics.write(dict(type="eval", step=step, flops=state.flops, tokens=step * tokens_per_step, val_bpb=state.val_bpb))
+            record = dict(type="eval", step=step, flops=state.flops, tokens=step * tokens_per_step, val_bpb=state.val_bpb)
+            if last and n_mod:  # what the causal rule costs: top-k routing on whole sequences (not causal)
+                model.set_mod_rule("topk")
+                record["val_bpb_topk"] = state.val_bpb_topk = evaluate(model, batches(val_shards, None, False), eval_steps,
+                                                                       token_bytes, autocast)
+                model.set_mod_rule("auto")
+                print0(f"step {step:05d} | val bpb with top-k MoD routing (not causal, a diagnostic) {state.val_bpb_topk:.4f}")
+            metrics.write(record)
             wandb_run.log({"step": step, "flops": state.flops, "val/bpb": state.val_bpb})
             if state.val_bpb < state.min_val_bpb and step > start_step:
                 state.min_val_bpb = state.val_bpb
@@ -420,7 +430,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
 
         # One optimizer step: grad_accum micro-batches, then all-reduce, then update.
         t0 = time.time()
-        loss_sums = torch.zeros(3 + config.mtp_heads, device=device)  # cross-entropy, balance, z-loss, MTP heads
+        # cross-entropy, balance, z-loss, MTP heads, MoD blocks x (predictor BCE, causal fraction, agreement)
+        loss_sums = torch.zeros(3 + config.mtp_heads + 3 * n_mod, device=device)
         for _ in range(grad_accum):
             with autocast:
                 ce, aux = train_model(x, y)
@@ -429,10 +440,13 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                 loss = loss + args.balance_loss_coeff * aux["balance_loss"] + args.router_z_loss * aux["z_loss"]
             if config.mtp_heads:
                 loss = loss + args.mtp_weight * aux["mtp_losses"].mean()
+            if n_mod:  # the causal predictors' BCE: their input is detached, so it trains only them
+                loss = loss + aux["mod_stats"][:, 0].sum()
             (loss / grad_accum).backward()
             # logged per MoE layer (the mean), while the loss above takes the sum over layers
             loss_sums += torch.cat([torch.stack([ce.detach(), aux["balance_loss"].detach() / n_moe_layers,
-                                                 aux["z_loss"].detach() / n_moe_layers]), aux["mtp_losses"].detach()])
+                                                 aux["z_loss"].detach() / n_moe_layers]), aux["mtp_losses"].detach(),
+                                   aux["mod_stats"].detach().flatten()])
             state.loader_state = next_loader_state
             x, y, next_loader_state = next(train_batches)
         all_reduce_grads(model, world_size)
@@ -454,7 +468,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         if ddp:
             dist.all_reduce(loss_means)
             loss_means /= world_size
-        train_loss, balance_loss, z_loss, *mtp_losses = loss_means.tolist()  # one host sync per step, for logging
+        train_loss, balance_loss, z_loss, *rest = loss_means.tolist()  # one host sync per step, for logging
+        mtp_losses, mod_stats = rest[:config.mtp_heads], rest[config.mtp_heads:]
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -483,6 +498,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
             record.update(balance_loss=balance_loss, z_loss=z_loss)
         if mtp_losses:  # per head: head i predicts token t+1+i (train_loss stays next-token)
             record.update(mtp_losses=mtp_losses)
+        if n_mod:  # per routed block: the causal predictor's loss, the fraction it would process, agreement with top-k
+            record.update(mod_bce=mod_stats[0::3], mod_frac=mod_stats[1::3], mod_agree=mod_stats[2::3])
         metrics.write(record)
         wandb_run.log({"step": step, "flops": state.flops, "train/loss": train_loss, "train/balance_loss": balance_loss,
                        "train/z_loss": z_loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu or 0.0})
@@ -497,7 +514,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                        f"({3 * args.moe_stats_every} steps); consider --aux-free-bias or a larger --balance-loss-coeff")
         if step % args.log_every == 0 or step == num_iterations:
             bal = (f" | bal {balance_loss:.4f}" if args.use_moe else "") + \
-                (" | mtp " + "/".join(f"{v:.3f}" for v in mtp_losses) if mtp_losses else "")
+                (" | mtp " + "/".join(f"{v:.3f}" for v in mtp_losses) if mtp_losses else "") + \
+                (" | mod agree " + "/".join(f"{v:.3f}" for v in mod_stats[2::3]) if n_mod else "")
             mfu_s = f"{mfu:.1f}%" if mfu is not None else "n/a"
             print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f}{bal} "
                    f"| lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_s} "
@@ -508,7 +526,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     avg_tok_s = tokens_per_step / (sum(times) / len(times)) if times else float("nan")
     epochs = (state.loader_state or {}).get("epochs", 0.0)
     summary = dict(type="summary", step=state.step, flops=state.flops, tokens=state.step * tokens_per_step,
-                   final_val_bpb=state.val_bpb, min_val_bpb=state.min_val_bpb, entropy_floor=entropy_floor,
+                   final_val_bpb=state.val_bpb, final_val_bpb_topk=finite_or_none(state.val_bpb_topk), min_val_bpb=state.min_val_bpb, entropy_floor=entropy_floor,
                    total=params["total"], active_total=params["active_total"], flops_per_token=flops_per_token,
                    tok_per_sec=avg_tok_s, wall_time=wall, peak_memory_mb=peak_memory_mb(device_type),
                    epochs=round(epochs, 4))
@@ -519,7 +537,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
             ("FLOPs/token", f"{flops_per_token:.4e}"), ("tokens", f"{summary['tokens']:,}"),
             ("FLOPs", f"{state.flops:.4e}" + (f" (incl. {init_flops:.4e} before --init-from)" if init_flops else "")),
             ("epochs (passes over the train data)", f"{summary['epochs']:.2f}"),
-            ("final val bpb", f"{state.val_bpb:.4f}"),
+            ("final val bpb", f"{state.val_bpb:.4f}" + (" (MoD: causal predictor)" if n_mod else "")),
+            *([("val bpb, top-k MoD routing (not causal)", f"{state.val_bpb_topk:.4f}")] if n_mod else []),
             ("entropy floor", f"{entropy_floor:.4f}" if entropy_floor is not None else "n/a"),
             ("tok/s (mean step)", f"{avg_tok_s:,.0f}"), ("wall time", f"{wall:.1f}s"),
             ("peak memory", f"{summary['peak_memory_mb']:.0f} MiB"), ("run folder", run_dir)]

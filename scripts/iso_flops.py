@@ -11,6 +11,11 @@ kernels want aligned widths). By default the planner uses base_train's width, 4d
 shared), which leaves the router's E·d uncompensated (or --expert-hidden-mult X); either way the
 remaining mismatch, measured with GPT.estimate_flops() of the two built models, is reported. Prints both configs side by side with params, FLOPs/token, a
 training-memory estimate, and the base_train flags to use.
+
+Architecture variants (--mtp-heads, --mod-capacity/--mod-freq) apply to both models; the
+planner then also prints what they do to FLOPs/token against the same models without them,
+and with --target-flops how many training tokens each of the four gets at that budget (the
+fair comparison is at equal FLOPs: MTP heads cost tokens, MoD buys them).
 """
 
 import math
@@ -78,10 +83,12 @@ def main():
     p.add_argument("--align", type=int, default=8, help="--router-exact: round the expert width to a multiple of this")
     p.add_argument("--device-batch-size", type=int, default=16, help="rows per micro-batch, for the memory estimate")
     p.add_argument("--activation-bytes", type=int, default=2, help="bytes per activation value (2 = bf16 on GPU, 4 = fp32 CPU)")
+    p.add_argument("--target-flops", type=float, default=0.0, help="also print the training tokens each model gets for this budget")
     args = p.parse_args()
 
     validate_model_args(args)
     require(args.align >= 1, f"--align must be >= 1 (got {args.align})")
+    require(args.target_flops >= 0, f"--target-flops must be >= 0 (got {args.target_flops})")
     depth, d, _, _, head_dim, seq_len = model_shape(args)
     if args.router_exact:
         hidden, exact = router_exact_expert_hidden(d, args.n_experts, args.expert_topk, args.n_shared_experts, args.align)
@@ -119,14 +126,31 @@ def main():
     widths = [max(len(str(r[i])) for r in [header] + lines) for i in range(3)]
     for r in [header] + lines:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-    base = f"--depth {depth} --n-embd {d} --head-dim {head_dim} --max-seq-len {seq_len}" + \
-        (f" --mtp-heads {args.mtp_heads}" if args.mtp_heads else "")
+    variants = (f" --mtp-heads {args.mtp_heads}" if args.mtp_heads else "") + \
+        (f" --mod-capacity {args.mod_capacity:g} --mod-freq {args.mod_freq}" if args.mod_capacity else "")
+    if variants:
+        print_variant_plan(args, mult, f_dense, f_moe, variants.strip())
+    base = f"--depth {depth} --n-embd {d} --head-dim {head_dim} --max-seq-len {seq_len}" + variants
     print("\nbase_train flags:")
     print(f"  dense: {base}")
     print(f"  moe:   {base} --use-moe --n-experts {args.n_experts} --expert-topk {args.expert_topk} "
           f"--n-shared-experts {args.n_shared_experts} --moe-freq {args.moe_freq} --expert-hidden-mult {mult:.6g}")
     if not math.isfinite(mismatch):
         raise UserError("could not compute FLOPs")
+
+
+def print_variant_plan(args, mult, f_dense, f_moe, variants):
+    """FLOPs/token of the two planned models against the same models without MTP/MoD, and the
+    tokens each gets at --target-flops."""
+    plain = dict(mtp_heads=0, mod_capacity=0.0)
+    f_dense0 = build_meta(config_from_args(args, args.vocab_size, use_moe=False, **plain)).estimate_flops()
+    f_moe0 = build_meta(config_from_args(args, args.vocab_size, expert_hidden_mult=mult, **plain)).estimate_flops()
+    print(f"\n{variants} against the same models without them:")
+    for name, f0, f in (("dense", f_dense0, f_dense), ("moe", f_moe0, f_moe)):
+        line = f"  {name:6s} FLOPs/token {f0:.4e} -> {f:.4e} ({f / f0:.3f}x)"
+        if args.target_flops:
+            line += f"; tokens at {args.target_flops:.3g} FLOPs: {args.target_flops / f0:,.0f} -> {args.target_flops / f:,.0f}"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -413,3 +413,24 @@ def test_mtp_heads_train_and_log_per_head(base_dir):
     assert trains[-1]["mtp_losses"][0] < trains[0]["mtp_losses"][0]
     p = run_train(base_dir, TINY + ["--mtp-heads", "64", "--num-iterations", "1", "--model-tag", "x"], check=False)
     assert p.returncode == 2 and "--mtp-heads must be in 0..63" in p.stderr
+
+
+def test_mod_trains_logs_per_block_and_evaluates_both_rules(base_dir):
+    tag = "mod"
+    run_train(base_dir, TINY + MOE + ["--mod-capacity", "0.25", "--num-iterations", "8", "--eval-every", "4",
+                                      "--sample-every", "8", "--model-tag", tag])
+    records = read_metrics(base_dir, tag)
+    header, trains, evals = records[0], of_type(records, "train"), of_type(records, "eval")
+    assert header["config"]["mod_capacity"] == 0.25 and header["params"]["mod"] == 2 * D + 1
+    # layer 0 full, layer 1 routed: 16 of 64 tokens, attention over 16; router 6d + predictor 4d per token
+    block = header["active_total"] - V * D - V * D - header["params"]["mod"]  # both blocks, active weights
+    per_block = block // 2
+    assert header["flops_per_token"] == pytest.approx(
+        6 * V * D + 6 * per_block + 12 * N_HEAD * HEAD_DIM * T
+        + 16 / 64 * (6 * per_block + 12 * N_HEAD * HEAD_DIM * 16) + 10 * D, rel=1e-12)
+    assert all(len(r["mod_agree"]) == 1 and 0 <= r["mod_frac"][0] <= 1 for r in trains)
+    assert trains[-1]["mod_bce"][0] < trains[0]["mod_bce"][0] < 0.7  # the causal predictor learns (ln 2 at init)
+    assert "val_bpb_topk" in evals[-1] and all("val_bpb_topk" not in e for e in evals[:-1])
+    assert math.isfinite(evals[-1]["val_bpb"]) and math.isfinite(evals[-1]["val_bpb_topk"])
+    p = run_train(base_dir, TINY + ["--mod-capacity", "1.5", "--num-iterations", "1", "--model-tag", "x"], check=False)
+    assert p.returncode == 2 and "--mod-capacity must be in [0, 1]" in p.stderr and "Traceback" not in p.stderr

@@ -36,10 +36,11 @@ def _skew_router(model, step, generator):
                 w.normal_(0.0, 1.0, generator=generator)
 
 
-def _train_compiled(use_moe, steps=5, mtp_heads=0):
+def _train_compiled(use_moe, steps=5, mtp_heads=0, mod_capacity=0.0):
     torch.manual_seed(0)
     config = GPTConfig(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                       use_moe=use_moe, n_experts=N_EXPERTS, expert_topk=2, expert_hidden_mult=2, mtp_heads=mtp_heads)
+                       use_moe=use_moe, n_experts=N_EXPERTS, expert_topk=2, expert_hidden_mult=2, mtp_heads=mtp_heads,
+                       mod_capacity=mod_capacity, mod_freq=1)
     model = build_model(config, torch.device("cpu"))
     optimizers = setup_optimizers(model)
     compiled = torch.compile(model, dynamic=False, fullgraph=True)  # as scripts/base_train.py does
@@ -58,7 +59,7 @@ def _train_compiled(use_moe, steps=5, mtp_heads=0):
                 eager_loss, _ = model(x, y)
             t0 = time.time()
             loss, aux = compiled(x, y)
-            (loss + 0.01 * aux["balance_loss"] + 0.3 * aux["mtp_losses"].sum()).backward()
+            (loss + 0.01 * aux["balance_loss"] + 0.3 * aux["mtp_losses"].sum() + aux["mod_stats"][:, 0].sum()).backward()
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)
@@ -76,9 +77,12 @@ def _train_compiled(use_moe, steps=5, mtp_heads=0):
                 warmup_seconds=warmup_seconds)
 
 
-@pytest.mark.parametrize("use_moe,mtp_heads", [(False, 0), (True, 0), (True, 2)], ids=["dense", "moe", "moe_mtp2"])
-def test_compiled_training_never_recompiles(use_moe, mtp_heads):
-    r = _train_compiled(use_moe, mtp_heads=mtp_heads)
+@pytest.mark.parametrize("use_moe,mtp_heads,mod_capacity", [(False, 0, 0.0), (True, 0, 0.0), (True, 2, 0.0), (True, 0, 0.25)],
+                         ids=["dense", "moe", "moe_mtp2", "moe_mod"])
+def test_compiled_training_never_recompiles(use_moe, mtp_heads, mod_capacity):
+    """moe_mod: every block routed (MoD picks 8 of 32 tokens, the MoE their experts); which
+    tokens changes every step, the shapes never do."""
+    r = _train_compiled(use_moe, mtp_heads=mtp_heads, mod_capacity=mod_capacity)
     print(f"compile + first step: {r['warmup_seconds']:.1f} s, graphs {r['graphs']}")
     assert r["graphs_after_warmup"] >= 1
     assert r["graphs"] == r["graphs_after_warmup"], "a later step compiled a new graph"

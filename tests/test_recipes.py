@@ -64,7 +64,10 @@ def test_tmp_moe_dry_run_uses_torchrun_fp8_and_wandb():
 
 
 def test_gpu_check_dry_run_runs_cuda_tests_training_and_bench():
-    tests, dense, moe, bench = dry_run("runs/gpu_check.sh", STEPS="10")
+    tests, dense, moe, bench, variants = dry_run("runs/gpu_check.sh", STEPS="10")
+    assert variants.startswith("python -m scripts.bench_step") and "--compile on" in variants
+    assert "mod:--mod-capacity 0.125" in variants and "mtp:--mtp-heads 1" in variants
+    assert dry_run("runs/gpu_check.sh", STAGES="variants") == [variants]
     assert tests == "python -m pytest -q tests/test_cuda.py"
     for cmd in (dense, moe):
         assert "--device-type cuda --compile on" in cmd and "--num-iterations 10" in cmd

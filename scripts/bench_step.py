@@ -1,0 +1,172 @@
+"""
+Whole-model training steps, side by side: does a variant's wall clock follow its FLOPs?
+Each --variant is a name and extra model flags on top of the common shape flags; every variant
+is built, (optionally) compiled, then timed round-robin (repeat r of every variant, then
+repeat r+1 ...), so a slow patch of the machine hits all alike. Forward+backward of one
+micro-batch of random tokens and the optimizers' step are timed apart; the reported step is
+fwd+bwd + optimizer / (--total-batch-size / tokens per micro-batch), as in training, where the
+optimizer runs once per gradient-accumulated batch (timing the optimizer once per micro-batch
+would charge a MoD model, whose matmuls shrink but whose optimizer does not, for work it does
+not do; the first GPU run did exactly that: dev/LOG.md).
+
+    python -m scripts.bench_step --depth 2 --n-embd 64 --head-dim 32 --max-seq-len 256 --rows 64 \\
+        --vocab-size 1024 --variant dense: --variant "mod:--mod-capacity 0.125" \\
+        --variant "moe:--use-moe" --variant "mtp:--mtp-heads 1"
+    python -m scripts.bench_step --device-type cuda --dtype bf16 --compile on --depth 12 --n-embd 768 ...
+
+Per variant: FLOPs/token (GPT.estimate_flops), median step time and tok/s, time ratio and FLOPs
+ratio against the first variant (a variant whose time ratio is above its FLOPs ratio loses
+wall clock to overhead the FLOPs count does not see), MFU where the peak is known, graphs
+compiled after the warm-up (recompiles: must be 0) and, on CUDA, peak memory. The last line
+is JSON: {variant: {...}}.
+"""
+
+import argparse
+import json
+import shlex
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.common import ArgumentParser, check_device_type, get_peak_flops, print0, require, run_main
+from nanochat.gpt import build_model
+from nanochat.model_args import add_model_args, config_from_args, validate_model_args
+from nanochat.optim import setup_optimizers
+
+
+def variant_parser(spec):
+    p = ArgumentParser(prog=f"bench_step: --variant {spec!r}", add_help=False)  # its errors name the variant
+    add_model_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="bench_step", description="Whole-model training steps of model variants, side by side.")
+    add_model_args(p)
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME:FLAGS, extra model flags for one variant (repeat; e.g. 'mod:--mod-capacity 0.125')")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--rows", type=int, default=16, help="rows per micro-batch")
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (compilation happens here)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast, as base_train on CUDA")
+    p.add_argument("--device-type", default="", help="cpu | cuda (empty = autodetect)")
+    p.add_argument("--compile", default="off", choices=["on", "off"])
+    p.add_argument("--total-batch-size", type=int, default=524288,
+                   help="tokens per optimizer step: the optimizer's time is spread over its micro-batches")
+    args = p.parse_args(argv)
+    require(args.variant, "give at least one --variant NAME:FLAGS (e.g. --variant dense:)")
+    variants = []
+    for spec in args.variant:
+        name, sep, flags = spec.partition(":")
+        require(sep and name, f"--variant {spec!r}: expected NAME:FLAGS, e.g. 'mod:--mod-capacity 0.125'")
+        # the common flags, then this variant's on top (argparse keeps what the namespace has)
+        extra = variant_parser(spec).parse_args(shlex.split(flags), namespace=argparse.Namespace(**vars(args)))
+        validate_model_args(extra)
+        variants.append((name, extra))
+    require(len({n for n, _ in variants}) == len(variants), "--variant names must differ")
+    require(args.rows >= 1 and args.repeats >= 1 and args.warmup >= 1, "--rows, --repeats and --warmup must be >= 1")
+    args.variants = variants
+    return args
+
+
+def build_variant(name, flags, args, device):
+    config = config_from_args(flags, args.vocab_size)
+    model = build_model(config, device)
+    model.train()
+    optimizers = setup_optimizers(model, device_type=device.type)
+    fwd = torch.compile(model, dynamic=False, fullgraph=True) if args.compile == "on" else model
+    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    T = config.sequence_len
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, args.vocab_size, (args.rows, T), device=device, generator=g)
+    y = torch.randint(0, args.vocab_size, (args.rows, T), device=device, generator=g)
+
+    def fwd_bwd():
+        with autocast:
+            loss, aux = fwd(x, y)
+        loss = loss + 0.01 * aux["balance_loss"] + 0.3 * aux["mtp_losses"].sum() + aux["mod_stats"][:, 0].sum()
+        loss.backward()
+
+    def opt_step():
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+    return dict(name=name, model=model, fwd_bwd=fwd_bwd, opt_step=opt_step, tokens=args.rows * T,
+                flops_per_token=model.estimate_flops(), params=model.num_scaling_params())
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device_type = check_device_type(args.device_type)
+    require(args.dtype == "fp32" or device_type == "cuda", "--dtype bf16 is for CUDA (CPU runs fp32, as base_train)")
+    device = torch.device(device_type)
+    print0(f"bench_step: {device_type} ({torch.get_num_threads()} threads), {args.dtype}, compile {args.compile}, "
+           f"{args.rows} rows per micro-batch, optimizer once per {args.total_batch_size:,} tokens; medians of "
+           f"{args.repeats} round-robin repeats")
+    cases = [build_variant(name, flags, args, device) for name, flags in args.variants]
+    counters = torch._dynamo.utils.counters
+    for case in cases:  # warm-up (and compilation), one variant at a time; its peak memory
+        if device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            case["fwd_bwd"]()
+            case["opt_step"]()
+        _sync(device)
+        case["warmup_s"] = time.perf_counter() - t0
+        case["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
+    graphs_after_warmup = counters["stats"]["unique_graphs"]
+    times = {c["name"]: [] for c in cases}
+    for _ in range(args.repeats):
+        for case in cases:
+            _sync(device)
+            t0 = time.perf_counter()
+            case["fwd_bwd"]()
+            _sync(device)
+            t1 = time.perf_counter()
+            case["opt_step"]()
+            _sync(device)
+            accum = max(1, args.total_batch_size // case["tokens"])
+            times[case["name"]].append((t1 - t0, time.perf_counter() - t1, t1 - t0 + (time.perf_counter() - t1) / accum))
+    recompiles = counters["stats"]["unique_graphs"] - graphs_after_warmup
+    peak = get_peak_flops(device_type)
+    base = cases[0]
+    median = lambda name, i: statistics.median(t[i] for t in times[name])
+    base_t = median(base["name"], 2)
+    result = {}
+    rows = [("variant", "FLOPs/token", "params total/active", "fwd+bwd ms", "optim ms", "step ms", "tok/s", "time x",
+             "FLOPs x", "MFU", "peak GiB")]
+    for case in cases:
+        t, t_fb, t_opt = median(case["name"], 2), median(case["name"], 0), median(case["name"], 1)
+        tok_s = case["tokens"] / t
+        mfu = 100 * case["flops_per_token"] * tok_s / peak if peak else None
+        result[case["name"]] = dict(flops_per_token=case["flops_per_token"], step_s_median=t, fwd_bwd_s_median=t_fb,
+                                    optim_s_median=t_opt, tok_per_sec=tok_s,
+                                    time_ratio=t / base_t, flops_ratio=case["flops_per_token"] / base["flops_per_token"],
+                                    mfu=mfu, warmup_s=case["warmup_s"], peak_memory_gib=case["peak_gib"], total=case["params"]["total"],
+                                    active_total=case["params"]["active_total"])
+        rows.append((case["name"], f"{case['flops_per_token']:.4e}",
+                     f"{case['params']['total'] / 1e6:.2f}M/{case['params']['active_total'] / 1e6:.2f}M",
+                     f"{1000 * t_fb:.1f}", f"{1000 * t_opt:.1f}", f"{1000 * t:.1f}", f"{tok_s:,.0f}", f"{t / base_t:.3f}",
+                     f"{case['flops_per_token'] / base['flops_per_token']:.3f}", f"{mfu:.1f}%" if mfu else "n/a",
+                     f"{case['peak_gib']:.2f}" if case["peak_gib"] is not None else "n/a"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print0("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    extra = dict(recompiles_after_warmup=recompiles if args.compile == "on" else None, repeats=args.repeats,
+                 device=torch.cuda.get_device_name() if device_type == "cuda" else "cpu")
+    if args.compile == "on":
+        print0(f"graphs compiled after the warm-up (recompiles): {recompiles}")
+    print0(json.dumps(dict(variants=result, **extra)))
+
+
+if __name__ == "__main__":
+    run_main(main)

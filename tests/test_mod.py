@@ -1,0 +1,222 @@
+"""Mixture-of-Depths (nanochat/mod.py and its wiring in gpt.Block / engine.KVCache): exactly
+C*T tokens per sequence in training, the gather path against an independent masked path,
+capacity 1.0 = the dense model, the causal rule's KV-cached generation against its full
+forward, and FLOPs against a hand count."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.engine import KVCache, generate, new_kv_cache
+from nanochat.gpt import GPTConfig, build_model, describe_params, norm
+from nanochat.mod import (mod_tokens, topk_positions, straight_through_gate, predictor_stats, routed_attention_mask,
+                          gather_tokens, scatter_tokens)
+from nanochat.optim import setup_optimizers
+
+V = 256
+
+
+def cfg(**kw):
+    return GPTConfig(**{**dict(sequence_len=32, vocab_size=V, n_layer=4, n_head=2, n_kv_head=1, n_embd=64,
+                               mod_capacity=0.25, mod_freq=2), **kw})
+
+
+def randomize(model, seed=0):
+    """Random weights everywhere (init zeroes output projections, which would make every block
+    the identity and hide routing), and causal predictors that process roughly half the tokens."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "wte" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+        for i in model.mod_layers():
+            model.transformer.h[i].mod.predictor.weight.mul_(8.0)
+    return model
+
+
+def test_small_functions_by_hand():
+    assert mod_tokens(32, 0.25) == 8 and mod_tokens(32, 0.125) == 4 and mod_tokens(10, 0.01) == 1 and mod_tokens(7, 1.0) == 7
+    scores = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    assert topk_positions(scores, 2).tolist() == [[1, 3], [0, 1]]  # position order, not score order
+    x = torch.arange(10.0).view(1, 5, 2)
+    pos = torch.tensor([[1, 3]])
+    assert gather_tokens(x, pos).tolist() == [[[2.0, 3.0], [6.0, 7.0]]]
+    assert scatter_tokens(x, pos, -torch.ones(1, 2, 2))[0, :, 0].tolist() == [0.0, -1.0, 4.0, -1.0, 8.0]
+    # straight-through gate: value exactly 1, gradient sigmoid'(r)
+    r = torch.tensor([-2.0, 0.0, 3.0], requires_grad=True)
+    g = straight_through_gate(r)
+    assert g.tolist() == [1.0, 1.0, 1.0]
+    g.sum().backward()
+    s = torch.sigmoid(r.detach())
+    assert torch.allclose(r.grad, s * (1 - s))
+    # predictor stats: BCE against the top-k set, fraction it would process, agreement
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
+    bce, frac, agree = predictor_stats(logits, torch.tensor([[0, 1]])).tolist()
+    sp = lambda z: math.log1p(math.exp(-z))  # -log sigmoid(z)
+    assert bce == pytest.approx((sp(2.0) + sp(-1.0) + sp(-0.5) + sp(3.0)) / 4, rel=1e-6)
+    assert frac == 0.5 and agree == 0.5  # it says (yes, no, yes, no); truth (yes, yes, no, no)
+    # mask: new key m visible to query i iff m <= i and m processed (or m == i); cached keys by row length
+    mask = routed_attention_mask(torch.tensor([[True, False, True]]), 2, torch.tensor([1]))
+    assert mask[0, 0].int().tolist() == [[1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [1, 0, 1, 0, 1]]
+
+
+def _routed_block_io(model, x_idx):
+    """Inputs and outputs of every routed block in one forward."""
+    seen = {}
+    hooks = [model.transformer.h[i].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, (a[0], out[0])))
+             for i in model.mod_layers()]
+    try:
+        model(x_idx, x_idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("use_moe", [False, True], ids=["dense", "moe"])
+def test_training_processes_exactly_ct_tokens_and_matches_masked_reference(use_moe):
+    """Each sequence's top C*T tokens go through the block, the rest pass untouched; the
+    gather path equals an independent computation of the same thing: the whole sequence through
+    the block with an attention mask that hides the unchosen keys (the causal rule's path, fed
+    the top-k choice)."""
+    model = randomize(build_model(cfg(use_moe=use_moe, n_experts=4, expert_topk=2, expert_hidden_mult=2), "cpu"))
+    model.train()
+    idx = torch.randint(0, V, (3, 32), generator=torch.Generator().manual_seed(1))
+    attn_lengths = []
+    hook = model.transformer.h[1].attn.register_forward_hook(lambda m, a, out: attn_lengths.append(a[0].shape[1]))
+    io = _routed_block_io(model, idx)
+    hook.remove()
+    assert attn_lengths == [8]  # the block's attention ran on k = 0.25 * 32 tokens per sequence
+    T = 32
+    cos_sin = model.cos[:, :T], model.sin[:, :T]
+    for i, (x, out) in io.items():
+        block = model.transformer.h[i]
+        chosen = torch.zeros(3, T, dtype=torch.bool).scatter(1, topk_positions(block.mod.scores(norm(x)), 8), True)
+        assert chosen.sum(dim=1).tolist() == [8, 8, 8]
+        moved = (out != x).any(dim=-1)
+        assert torch.equal(moved, chosen)  # exactly the chosen tokens changed
+        with torch.no_grad():
+            ref, _ = block._residual(x, cos_sin, select=chosen)
+        assert torch.allclose(out[chosen], ref[chosen], atol=1e-5)
+
+
+def test_capacity_one_is_the_dense_model_exactly():
+    """Capacity 1.0: every token goes through every block with a gate of value exactly 1, so the
+    loss is the dense model's bit for bit. The gate's gradient reaches the residual stream only
+    through the router's weights: with a zero router every other gradient is the dense one too,
+    and the router itself still gets a gradient."""
+    dense = randomize(build_model(cfg(mod_capacity=0.0), "cpu"))
+    mod = build_model(cfg(mod_capacity=1.0), "cpu")
+    missing = mod.load_state_dict(dense.state_dict(), strict=False).missing_keys
+    assert missing and all(".mod." in k for k in missing)
+    idx = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(2))
+    assert mod(idx, idx)[0].item() == dense(idx, idx)[0].item()  # random router: same forward
+    with torch.no_grad():
+        for i in mod.mod_layers():
+            mod.transformer.h[i].mod.router.weight.zero_()
+    for model in (dense, mod):
+        model.train()
+        ce, aux = model(idx, idx)
+        ce.backward()
+    for name, p in dense.named_parameters():
+        assert torch.equal(p.grad, mod.get_parameter(name).grad), name
+    assert mod.transformer.h[1].mod.router.weight.grad.abs().sum() > 0  # the router still learns through the gate
+
+
+def test_predictor_loss_moves_only_the_predictors():
+    model = randomize(build_model(cfg(), "cpu"))
+    idx = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for with_bce in (False, True):
+        model.zero_grad()
+        ce, aux = model(idx, idx)
+        assert aux["mod_stats"].shape == (2, 3)
+        (ce + (aux["mod_stats"][:, 0].sum() if with_bce else 0)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name, g in grads[1].items():
+        if ".mod.predictor." in name:
+            assert name not in grads[0] or not torch.equal(grads[0][name], g)
+        else:
+            assert torch.equal(grads[0][name], g), name
+    adamw, muon = setup_optimizers(model)
+    in_adam = {id(p) for group in adamw.param_groups for p in group["params"]}
+    assert all(id(p) in in_adam for n, p in model.named_parameters() if ".mod." in n)
+    assert not any(id(p) in in_adam for group in muon.param_groups for p in group["params"])
+
+
+def test_causal_rule_extremes():
+    """Eval uses the predictor: all tokens processed = the dense model; none = the block is skipped."""
+    dense = randomize(build_model(cfg(mod_capacity=0.0), "cpu")).eval()
+    model = build_model(cfg(), "cpu").eval()
+    model.load_state_dict(dense.state_dict(), strict=False)
+    idx = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(4))
+    for bias, expect_identity in ((100.0, False), (-100.0, True)):
+        with torch.no_grad():
+            for i in model.mod_layers():
+                model.transformer.h[i].mod.predictor.bias.fill_(bias)
+            io = _routed_block_io(model, idx)
+        for x, out in io.values():
+            assert torch.equal(out, x) == expect_identity
+    with torch.no_grad():
+        for i in model.mod_layers():
+            model.transformer.h[i].mod.predictor.bias.fill_(100.0)
+        assert torch.allclose(model(idx), dense(idx), atol=1e-5)
+
+
+@pytest.mark.parametrize("use_moe", [False, True], ids=["dense", "moe"])
+def test_kv_cached_causal_rule_equals_full_forward(use_moe):
+    """Logits of a prefill, a chunk and single steps with the cache equal the full forward under
+    the causal rule; each routed layer's cache holds exactly the tokens it processed per row
+    (rows make different choices); the storage grows past its initial size."""
+    model = randomize(build_model(cfg(use_moe=use_moe, n_experts=4, expert_topk=2, expert_hidden_mult=2), "cpu")).eval()
+    idx = torch.randint(0, V, (3, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        io = _routed_block_io(model, idx)
+        processed = {i: (out != x).any(dim=-1).sum(dim=1) for i, (x, out) in io.items()}
+        full = model(idx)
+        cache = KVCache(3, 4, 1, 32, 30, routed_layers=model.mod_layers(), routed_len=4)
+        pieces = [model(idx[:, :10], kv_cache=cache), model(idx[:, 10:16], kv_cache=cache)]
+        pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(16, 30)]
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-4)
+    for i in model.mod_layers():
+        assert torch.equal(cache.lengths[i], processed[i])
+        assert 0 < processed[i].min() < 30 and len(set(processed[i].tolist())) > 1  # partial, and rows differ
+        assert cache.k[i].size(2) < 30 or processed[i].max() > 15  # packed, not one slot per position
+    assert cache.get_pos() == 30
+
+
+def test_greedy_generation_with_cache_equals_without():
+    model = randomize(build_model(cfg(sequence_len=16), "cpu")).eval()
+    prompt = torch.randint(0, V - 1, (6,), generator=torch.Generator().manual_seed(6)).tolist()
+    kw = dict(max_tokens=20, temperature=0.0, stop_at_bos=False)
+    with_cache = generate(model, prompt, use_kv_cache=True, **kw)
+    assert with_cache == generate(model, prompt, use_kv_cache=False, **kw)
+    assert len(with_cache[0]) == 20
+    cache = new_kv_cache(model, 1, 26)
+    assert cache.routed == {1, 3} and cache.routed_len == 16  # 1.25 * 0.25 * 26 -> at least 16 slots
+
+
+def _block_matmul_params(d, hidden):
+    return 4 * d * d + 2 * d * hidden  # attention q,k,v,proj (n_kv_head == n_head here) + MLP
+
+
+def test_flops_hand_count():
+    d, T, H, hd, L = 64, 32, 2, 32, 4
+    c = cfg(n_kv_head=2, mod_capacity=0.25, mod_freq=2)
+    model = build_model(c, "cpu")
+    k = 8
+    plain = 6 * _block_matmul_params(d, 4 * d) + 12 * H * hd * T
+    routed = k / T * (6 * _block_matmul_params(d, 4 * d) + 12 * H * hd * k) + 6 * d + 4 * d
+    assert model.estimate_flops() == pytest.approx(6 * V * d + 2 * plain + 2 * routed, rel=1e-12)
+    # MoE FFNs in the routed blocks: router E*d + top-2 experts of width 2d, times k/T
+    m = build_model(cfg(n_kv_head=2, use_moe=True, n_experts=4, expert_topk=2, expert_hidden_mult=2, moe_freq=1), "cpu")
+    moe_block = 4 * d * d + 4 * d + 2 * (2 * d * 2 * d)
+    plain = 6 * moe_block + 12 * H * hd * T
+    routed = k / T * (6 * moe_block + 12 * H * hd * k) + 6 * d + 4 * d
+    assert m.estimate_flops() == pytest.approx(6 * V * d + 2 * plain + 2 * routed, rel=1e-12)
+    # all parameters active; the routers and predictors counted
+    counts = m.num_scaling_params()
+    assert counts["mod"] == 2 * (d + d + 1) and counts["total"] == sum(p.numel() for p in m.parameters())
+    assert "MoD blocks: 2 of 4 (layers 1,3), capacity 0.25: top-8 of 32" in describe_params(m)
