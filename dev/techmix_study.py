@@ -102,6 +102,10 @@ def runs():
     add("s_moe8_af_mtp1", SMALL, MOE8_AF + ["--mtp-heads", "1"], 1e13)
     add("s_dense_mod0.125", SMALL, ["--mod-capacity", "0.125", "--mod-freq", "2"], 1e13)
     add("s_moe8_af_mod0.125", SMALL, MOE8_AF + ["--mod-capacity", "0.125", "--mod-freq", "2"], 1e13)
+    add("s_dense_mod0.125", SMALL, ["--mod-capacity", "0.125", "--mod-freq", "2"], 1e13, seed=43)
+    add("s_moe8_af_mod0.125", SMALL, MOE8_AF + ["--mod-capacity", "0.125", "--mod-freq", "2"], 1e13, seed=43)
+    # the larger shape routes 2 of its 4 blocks (the small one only 1 of 2)
+    add("l_dense_mod0.125", LARGE, ["--mod-capacity", "0.125", "--mod-freq", "2"], 5.5e13)
     return out
 
 
