@@ -25,7 +25,7 @@ def fp8_module_filter(module, fqn):
     """True when the module at dotted name `fqn` should be converted to float8 training."""
     if not isinstance(module, nn.Linear):
         return False
-    if "router" in fqn.split(".") or "mod" in fqn.split("."):  # routers and MoD predictors: small classifiers, fp32
+    if "router" in fqn.split(".") or "mod" in fqn.split("."):  # routers (MoE and MoD): small classifiers, fp32
         return False
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from nanochat.moe import MoE
 from nanochat.mod import (MoDRouter, mod_tokens, topk_positions, gather_tokens, scatter_tokens, gather_rotary,
-                          straight_through_gate, predictor_stats, routed_attention_mask)
+                          straight_through_gate, causal_stats, routed_attention_mask)
 
 
 @dataclass
@@ -149,10 +149,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.is_moe = config.is_moe_layer(layer_idx) and not dense
         self.mlp = MoE(config) if self.is_moe else MLP(config)
-        # Mixture-of-Depths: a routed block has a router and a causal predictor (nanochat/mod.py)
+        # Mixture-of-Depths: a routed block has a router and a causal threshold (nanochat/mod.py)
         self.mod = MoDRouter(config.n_embd) if config.is_mod_layer(layer_idx) and not dense else None
         self.mod_capacity = config.mod_capacity
-        self.mod_rule = "auto"  # auto: top-k in training, the causal predictor in eval; "topk": top-k always
+        self.mod_rule = "auto"  # auto: top-k in training, the causal threshold in eval; "topk": top-k always
 
     def _residual(self, x, cos_sin, kv_cache=None, gate=None, select=None):
         """x + attn, then + FFN; gate (B, T, 1) multiplies both residual branches (MoD)."""
@@ -164,7 +164,7 @@ class Block(nn.Module):
         return x + scale(self.mlp(norm(x))), None
 
     def forward(self, x, cos_sin, kv_cache=None):
-        """Returns (x, MoE losses or None, MoD statistics (3,) or None)."""
+        """Returns (x, MoE losses or None, MoD statistics (2,) or None)."""
         if self.mod is None:
             return (*self._residual(x, cos_sin, kv_cache), None)
         xn = norm(x)
@@ -173,11 +173,14 @@ class Block(nn.Module):
             assert kv_cache is None, "top-k routing needs the whole sequence: no KV cache"
             scores = self.mod.scores(xn)
             positions = topk_positions(scores, mod_tokens(x.size(1), self.mod_capacity))
-            gate = straight_through_gate(scores.gather(1, positions)).unsqueeze(-1).to(x.dtype)
+            chosen = scores.gather(1, positions)
+            if self.training:
+                self.mod.record_cut(chosen)
+            gate = straight_through_gate(chosen).unsqueeze(-1).to(x.dtype)
             out, moe_losses = self._residual(gather_tokens(x, positions), gather_rotary(cos_sin, positions), gate=gate)
-            return scatter_tokens(x, positions, out), moe_losses, predictor_stats(self.mod.predict(xn), positions)
-        # the causal rule: a token is processed when the predictor says it would be in the top-k
-        select = self.mod.predict(xn) > 0
+            return scatter_tokens(x, positions, out), moe_losses, causal_stats(scores, positions, self.mod.threshold)
+        # the causal rule: a token is processed when its own score clears the calibrated threshold
+        select = self.mod.scores(xn) > self.mod.threshold
         if kv_cache is not None and not bool(select.any()):  # inference only (a host sync): skip the block
             return x, None, None
         out, _ = self._residual(x, cos_sin, kv_cache, select=select)
@@ -252,7 +255,7 @@ class GPT(nn.Module):
                   "mtp": sum(p.numel() for p in self.mtp.parameters()), "mod": 0}
         for block in self.transformer.h:
             counts["attn"] += sum(p.numel() for p in block.attn.parameters())
-            if block.mod is not None:  # MoD routers and predictors: all active (every token is scored)
+            if block.mod is not None:  # MoD routers: active (every token is scored)
                 counts["mod"] += sum(p.numel() for p in block.mod.parameters())
             if block.is_moe:
                 moe = block.mlp.param_counts()
@@ -273,7 +276,7 @@ class GPT(nn.Module):
         attention like a layer's, plus the shared lm_head once more per head (its matmul runs
         again on each head's hidden state). A MoD block runs on k = mod_tokens(T, C) of every T
         tokens, and its attention spans k: (k/T) * (6 * its active weights + 12 * n_head *
-        head_dim * k), plus its router and predictor on every token (MoDRouter.flops_per_token)."""
+        head_dim * k), plus its router on every token (MoDRouter.flops_per_token)."""
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
         attention = lambda span: 12 * cfg.n_head * head_dim * span
@@ -298,7 +301,7 @@ class GPT(nn.Module):
         return [i for i, block in enumerate(self.transformer.h) if block.mod is not None]
 
     def set_mod_rule(self, rule):
-        """MoD blocks' routing outside training: "auto" (the causal predictor in eval mode) or
+        """MoD blocks' routing outside training: "auto" (the causal threshold in eval mode) or
         "topk" (top-k of the whole sequence even in eval: not causal, a diagnostic only)."""
         assert rule in ("auto", "topk"), rule
         for i in self.mod_layers():
@@ -349,10 +352,9 @@ class GPT(nn.Module):
                 mtp.append(F.cross_entropy(head_logits.view(-1, head_logits.size(-1)),
                                            mtp_targets(targets, i).reshape(-1), ignore_index=-1))
         aux["mtp_losses"] = torch.stack(mtp) if mtp else logits.new_zeros(0)
-        # MoD (top-k routing only, i.e. training): (n_mod, 3) per routed block = [the causal
-        # predictor's BCE (its loss: the trainer adds the sum), fraction it would process,
-        # its agreement with the top-k]
-        aux["mod_stats"] = torch.stack(mod_stats) if mod_stats else logits.new_zeros(0, 3)
+        # MoD (top-k routing, i.e. training): (n_mod, 2) per routed block = [fraction of tokens
+        # the causal rule would process, its agreement with the top-k]; no gradient
+        aux["mod_stats"] = torch.stack(mod_stats) if mod_stats else logits.new_zeros(0, 2)
         return loss, aux
 
     def _logits(self, x):
@@ -406,7 +408,7 @@ def describe_params(model):
     if mod:
         k = mod_tokens(cfg.sequence_len, cfg.mod_capacity)
         lines.append(f"MoD blocks: {len(mod)} of {cfg.n_layer} (layers {','.join(map(str, mod))}), capacity "
-                     f"{cfg.mod_capacity:g}: top-{k} of {cfg.sequence_len} tokens per sequence in training, the causal "
-                     f"predictor in eval/generation ({format_count(c['mod'])} router+predictor params; all params active)")
+                     f"{cfg.mod_capacity:g}: top-{k} of {cfg.sequence_len} tokens per sequence in training, a calibrated "
+                     f"causal threshold in eval/generation ({format_count(c['mod'])} router params; all params active)")
     lines.append(f"FLOPs/token (train, active): {model.estimate_flops():.4e}")
     return "\n".join(lines)

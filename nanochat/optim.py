@@ -83,7 +83,7 @@ def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr
       should move at the rate their own gradients ask for. Muon would give every expert's
       logit the same update magnitude (all singular values 1), which amplifies the small,
       noisy early gradients of rarely chosen experts and fights the balance loss. The
-      Mixture-of-Depths router and causal predictor (a 1 x d row and a bias each) join them.
+      Mixture-of-Depths routers (a 1 x d row each) join them.
     """
     d_model = model.config.n_embd
     lr_scale = (d_model / 768) ** -0.5

@@ -62,7 +62,7 @@ def build_parser():
     p.add_argument("--embedding-lr", type=float, default=0.2)
     p.add_argument("--unembedding-lr", type=float, default=0.004)
     p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr (attention, MLP, experts)")
-    p.add_argument("--router-lr", type=float, default=0.004, help="AdamW lr of the MoE routers and MoD routers/predictors")
+    p.add_argument("--router-lr", type=float, default=0.004, help="AdamW lr of the MoE and MoD routers")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=None,
                    help="fraction of the steps with a linear LR warm-up (default 0; 0.05 with --init-from: a fresh "
@@ -261,6 +261,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     from nanochat.dataset import list_shards, split_shards, read_entropy_floor
     from nanochat.moe import (update_expert_bias, collect_moe_stats, collect_step_loads, active_expert_masks,
                               format_moe_stats, newly_dead_experts)
+    from nanochat.mod import update_mod_thresholds
     from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_latest_step, set_rng_state, read_loader_states
 
     master = rank == 0
@@ -430,8 +431,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
 
         # One optimizer step: grad_accum micro-batches, then all-reduce, then update.
         t0 = time.time()
-        # cross-entropy, balance, z-loss, MTP heads, MoD blocks x (predictor BCE, causal fraction, agreement)
-        loss_sums = torch.zeros(3 + config.mtp_heads + 3 * n_mod, device=device)
+        # cross-entropy, balance, z-loss, MTP heads, MoD blocks x (causal rule's fraction, its agreement with top-k)
+        loss_sums = torch.zeros(3 + config.mtp_heads + 2 * n_mod, device=device)
         for _ in range(grad_accum):
             with autocast:
                 ce, aux = train_model(x, y)
@@ -440,8 +441,6 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                 loss = loss + args.balance_loss_coeff * aux["balance_loss"] + args.router_z_loss * aux["z_loss"]
             if config.mtp_heads:
                 loss = loss + args.mtp_weight * aux["mtp_losses"].mean()
-            if n_mod:  # the causal predictors' BCE: their input is detached, so it trains only them
-                loss = loss + aux["mod_stats"][:, 0].sum()
             (loss / grad_accum).backward()
             # logged per MoE layer (the mean), while the loss above takes the sum over layers
             loss_sums += torch.cat([torch.stack([ce.detach(), aux["balance_loss"].detach() / n_moe_layers,
@@ -464,6 +463,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         model.zero_grad(set_to_none=True)
         if config.aux_free_bias > 0:  # the model's own rate: 0 for a dense model whatever the flag says
             update_expert_bias(model, config.aux_free_bias, expert_loads)
+        update_mod_thresholds(model, world_size)  # MoD: the causal rule's calibrated thresholds
         loss_means = loss_sums / grad_accum
         if ddp:
             dist.all_reduce(loss_means)
@@ -498,8 +498,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
             record.update(balance_loss=balance_loss, z_loss=z_loss)
         if mtp_losses:  # per head: head i predicts token t+1+i (train_loss stays next-token)
             record.update(mtp_losses=mtp_losses)
-        if n_mod:  # per routed block: the causal predictor's loss, the fraction it would process, agreement with top-k
-            record.update(mod_bce=mod_stats[0::3], mod_frac=mod_stats[1::3], mod_agree=mod_stats[2::3])
+        if n_mod:  # per routed block: the fraction the causal rule would process, its agreement with top-k
+            record.update(mod_frac=mod_stats[0::2], mod_agree=mod_stats[1::2])
         metrics.write(record)
         wandb_run.log({"step": step, "flops": state.flops, "train/loss": train_loss, "train/balance_loss": balance_loss,
                        "train/z_loss": z_loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu or 0.0})
@@ -515,7 +515,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         if step % args.log_every == 0 or step == num_iterations:
             bal = (f" | bal {balance_loss:.4f}" if args.use_moe else "") + \
                 (" | mtp " + "/".join(f"{v:.3f}" for v in mtp_losses) if mtp_losses else "") + \
-                (" | mod agree " + "/".join(f"{v:.3f}" for v in mod_stats[2::3]) if n_mod else "")
+                (" | mod agree " + "/".join(f"{v:.3f}" for v in mod_stats[1::2]) if n_mod else "")
             mfu_s = f"{mfu:.1f}%" if mfu is not None else "n/a"
             print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f}{bal} "
                    f"| lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_s} "
@@ -537,7 +537,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
             ("FLOPs/token", f"{flops_per_token:.4e}"), ("tokens", f"{summary['tokens']:,}"),
             ("FLOPs", f"{state.flops:.4e}" + (f" (incl. {init_flops:.4e} before --init-from)" if init_flops else "")),
             ("epochs (passes over the train data)", f"{summary['epochs']:.2f}"),
-            ("final val bpb", f"{state.val_bpb:.4f}" + (" (MoD: causal predictor)" if n_mod else "")),
+            ("final val bpb", f"{state.val_bpb:.4f}" + (" (MoD: causal threshold)" if n_mod else "")),
             *([("val bpb, top-k MoD routing (not causal)", f"{state.val_bpb_topk:.4f}")] if n_mod else []),
             ("entropy floor", f"{entropy_floor:.4f}" if entropy_floor is not None else "n/a"),
             ("tok/s (mean step)", f"{avg_tok_s:,.0f}"), ("wall time", f"{wall:.1f}s"),

@@ -87,7 +87,7 @@ def build_variant(name, flags, args, device):
     def fwd_bwd():
         with autocast:
             loss, aux = fwd(x, y)
-        loss = loss + 0.01 * aux["balance_loss"] + 0.3 * aux["mtp_losses"].sum() + aux["mod_stats"][:, 0].sum()
+        loss = loss + 0.01 * aux["balance_loss"] + 0.3 * aux["mtp_losses"].sum()
         loss.backward()
 
     def opt_step():

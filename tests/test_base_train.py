@@ -421,15 +421,17 @@ def test_mod_trains_logs_per_block_and_evaluates_both_rules(base_dir):
                                       "--sample-every", "8", "--model-tag", tag])
     records = read_metrics(base_dir, tag)
     header, trains, evals = records[0], of_type(records, "train"), of_type(records, "eval")
-    assert header["config"]["mod_capacity"] == 0.25 and header["params"]["mod"] == 2 * D + 1
-    # layer 0 full, layer 1 routed: 16 of 64 tokens, attention over 16; router 6d + predictor 4d per token
+    assert header["config"]["mod_capacity"] == 0.25 and header["params"]["mod"] == D
+    # layer 0 full, layer 1 routed: 16 of 64 tokens, attention over 16; its router 6d per token
     block = header["active_total"] - V * D - V * D - header["params"]["mod"]  # both blocks, active weights
     per_block = block // 2
     assert header["flops_per_token"] == pytest.approx(
         6 * V * D + 6 * per_block + 12 * N_HEAD * HEAD_DIM * T
-        + 16 / 64 * (6 * per_block + 12 * N_HEAD * HEAD_DIM * 16) + 10 * D, rel=1e-12)
+        + 16 / 64 * (6 * per_block + 12 * N_HEAD * HEAD_DIM * 16) + 6 * D, rel=1e-12)
     assert all(len(r["mod_agree"]) == 1 and 0 <= r["mod_frac"][0] <= 1 for r in trains)
-    assert trains[-1]["mod_bce"][0] < trains[0]["mod_bce"][0] < 0.7  # the causal predictor learns (ln 2 at init)
+    # calibrated from the first update on: about C of the tokens, agreeing with the top-k
+    # (at C = 0.25 "never process" would agree 0.75; measured here 0.89-0.96)
+    assert all(0.1 < r["mod_frac"][0] < 0.5 and r["mod_agree"][0] > 0.8 for r in trains[1:])
     assert "val_bpb_topk" in evals[-1] and all("val_bpb_topk" not in e for e in evals[:-1])
     assert math.isfinite(evals[-1]["val_bpb"]) and math.isfinite(evals[-1]["val_bpb_topk"])
     p = run_train(base_dir, TINY + ["--mod-capacity", "1.5", "--num-iterations", "1", "--model-tag", "x"], check=False)

@@ -59,7 +59,7 @@ def _train_compiled(use_moe, steps=5, mtp_heads=0, mod_capacity=0.0):
                 eager_loss, _ = model(x, y)
             t0 = time.time()
             loss, aux = compiled(x, y)
-            (loss + 0.01 * aux["balance_loss"] + 0.3 * aux["mtp_losses"].sum() + aux["mod_stats"][:, 0].sum()).backward()
+            (loss + 0.01 * aux["balance_loss"] + 0.3 * aux["mtp_losses"].sum()).backward()
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)

@@ -89,6 +89,10 @@ def test_upcycle_refuses_what_it_cannot_preserve():
         upcycle(trained_like(moe()))
     with pytest.raises(UserError, match="--moe-freq"):
         upcycle(trained_like(dense()), moe_freq=3)
+    mod = build_model(dense(mod_capacity=0.5), "cpu")
+    for transform in (upcycle, lambda m: grow_width(m, 2), lambda m: grow_depth(m, 2)):
+        with pytest.raises(UserError, match="Mixture-of-Depths"):
+            transform(mod)
 
 
 # ------------------------------------------------------------------------------- width

@@ -3,16 +3,14 @@ C*T tokens per sequence in training, the gather path against an independent mask
 capacity 1.0 = the dense model, the causal rule's KV-cached generation against its full
 forward, and FLOPs against a hand count."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nanochat.engine import KVCache, generate, new_kv_cache
 from nanochat.gpt import GPTConfig, build_model, describe_params, norm
-from nanochat.mod import (mod_tokens, topk_positions, straight_through_gate, predictor_stats, routed_attention_mask,
-                          gather_tokens, scatter_tokens)
+from nanochat.mod import (mod_tokens, topk_positions, straight_through_gate, causal_stats, routed_attention_mask,
+                          update_mod_thresholds, gather_tokens, scatter_tokens)
 from nanochat.optim import setup_optimizers
 
 V = 256
@@ -25,14 +23,12 @@ def cfg(**kw):
 
 def randomize(model, seed=0):
     """Random weights everywhere (init zeroes output projections, which would make every block
-    the identity and hide routing), and causal predictors that process roughly half the tokens."""
+    the identity and hide routing); the causal thresholds stay 0, so about half the tokens are processed."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "wte" not in name:
                 p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-        for i in model.mod_layers():
-            model.transformer.h[i].mod.predictor.weight.mul_(8.0)
     return model
 
 
@@ -51,12 +47,11 @@ def test_small_functions_by_hand():
     g.sum().backward()
     s = torch.sigmoid(r.detach())
     assert torch.allclose(r.grad, s * (1 - s))
-    # predictor stats: BCE against the top-k set, fraction it would process, agreement
-    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
-    bce, frac, agree = predictor_stats(logits, torch.tensor([[0, 1]])).tolist()
-    sp = lambda z: math.log1p(math.exp(-z))  # -log sigmoid(z)
-    assert bce == pytest.approx((sp(2.0) + sp(-1.0) + sp(-0.5) + sp(3.0)) / 4, rel=1e-6)
-    assert frac == 0.5 and agree == 0.5  # it says (yes, no, yes, no); truth (yes, yes, no, no)
+    # the causal rule's statistics: fraction it processes, agreement with the top-k
+    scores = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
+    frac, agree = causal_stats(scores, torch.tensor([[0, 1]]), torch.tensor(0.0)).tolist()
+    assert frac == 0.5 and agree == 0.5  # it says (yes, no, yes, no); top-k (yes, yes, no, no)
+    assert causal_stats(scores, torch.tensor([[0, 1]]), torch.tensor(-1.5)).tolist() == [0.75, 0.75]
     # mask: new key m visible to query i iff m <= i and m processed (or m == i); cached keys by row length
     mask = routed_attention_mask(torch.tensor([[True, False, True]]), 2, torch.tensor([1]))
     assert mask[0, 0].int().tolist() == [[1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [1, 0, 1, 0, 1]]
@@ -125,21 +120,29 @@ def test_capacity_one_is_the_dense_model_exactly():
     assert mod.transformer.h[1].mod.router.weight.grad.abs().sum() > 0  # the router still learns through the gate
 
 
-def test_predictor_loss_moves_only_the_predictors():
+def test_threshold_is_the_running_mean_of_each_sequences_cut():
+    """The causal threshold: the first optimizer step sets it to the mean over sequences (and
+    micro-batches) of the k-th largest score; later steps move it at max(0.05, 1/(n+1))."""
     model = randomize(build_model(cfg(), "cpu"))
-    idx = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(3))
-    grads = []
-    for with_bce in (False, True):
-        model.zero_grad()
-        ce, aux = model(idx, idx)
-        assert aux["mod_stats"].shape == (2, 3)
-        (ce + (aux["mod_stats"][:, 0].sum() if with_bce else 0)).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    for name, g in grads[1].items():
-        if ".mod.predictor." in name:
-            assert name not in grads[0] or not torch.equal(grads[0][name], g)
-        else:
-            assert torch.equal(grads[0][name], g), name
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    steps = [[torch.randint(0, V, (3, 32), generator=g) for _ in range(2)] for _ in range(2)]  # 2 steps x 2 micro-batches
+    expected = {i: 0.0 for i in model.mod_layers()}
+    for n, micro_batches in enumerate(steps):
+        cuts = {i: [] for i in model.mod_layers()}
+        for idx in micro_batches:
+            io = _routed_block_io(model, idx)
+            for i, (x, _) in io.items():
+                scores = model.transformer.h[i].mod.scores(norm(x)).detach()
+                cuts[i] += scores.topk(8, dim=1).values[:, -1].tolist()
+        update_mod_thresholds(model)
+        for i in model.mod_layers():
+            rate = max(0.05, 1 / (n + 1))
+            expected[i] += rate * (sum(cuts[i]) / len(cuts[i]) - expected[i])
+            assert model.transformer.h[i].mod.threshold.item() == pytest.approx(expected[i], rel=1e-5, abs=1e-6)
+    assert all(model.transformer.h[i].mod.kth_sum.abs().sum() == 0 for i in model.mod_layers())
+    assert "transformer.h.1.mod.threshold" in model.state_dict()  # saved with the weights
+    # the router goes to AdamW, nothing of it to Muon
     adamw, muon = setup_optimizers(model)
     in_adam = {id(p) for group in adamw.param_groups for p in group["params"]}
     assert all(id(p) in in_adam for n, p in model.named_parameters() if ".mod." in n)
@@ -147,21 +150,21 @@ def test_predictor_loss_moves_only_the_predictors():
 
 
 def test_causal_rule_extremes():
-    """Eval uses the predictor: all tokens processed = the dense model; none = the block is skipped."""
+    """Eval uses the threshold: all tokens processed = the dense model; none = the block is skipped."""
     dense = randomize(build_model(cfg(mod_capacity=0.0), "cpu")).eval()
     model = build_model(cfg(), "cpu").eval()
     model.load_state_dict(dense.state_dict(), strict=False)
     idx = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(4))
-    for bias, expect_identity in ((100.0, False), (-100.0, True)):
+    for threshold, expect_identity in ((-100.0, False), (100.0, True)):
         with torch.no_grad():
             for i in model.mod_layers():
-                model.transformer.h[i].mod.predictor.bias.fill_(bias)
+                model.transformer.h[i].mod.threshold.fill_(threshold)
             io = _routed_block_io(model, idx)
         for x, out in io.values():
             assert torch.equal(out, x) == expect_identity
     with torch.no_grad():
         for i in model.mod_layers():
-            model.transformer.h[i].mod.predictor.bias.fill_(100.0)
+            model.transformer.h[i].mod.threshold.fill_(-100.0)
         assert torch.allclose(model(idx), dense(idx), atol=1e-5)
 
 
@@ -208,15 +211,15 @@ def test_flops_hand_count():
     model = build_model(c, "cpu")
     k = 8
     plain = 6 * _block_matmul_params(d, 4 * d) + 12 * H * hd * T
-    routed = k / T * (6 * _block_matmul_params(d, 4 * d) + 12 * H * hd * k) + 6 * d + 4 * d
+    routed = k / T * (6 * _block_matmul_params(d, 4 * d) + 12 * H * hd * k) + 6 * d
     assert model.estimate_flops() == pytest.approx(6 * V * d + 2 * plain + 2 * routed, rel=1e-12)
     # MoE FFNs in the routed blocks: router E*d + top-2 experts of width 2d, times k/T
     m = build_model(cfg(n_kv_head=2, use_moe=True, n_experts=4, expert_topk=2, expert_hidden_mult=2, moe_freq=1), "cpu")
     moe_block = 4 * d * d + 4 * d + 2 * (2 * d * 2 * d)
     plain = 6 * moe_block + 12 * H * hd * T
-    routed = k / T * (6 * moe_block + 12 * H * hd * k) + 6 * d + 4 * d
+    routed = k / T * (6 * moe_block + 12 * H * hd * k) + 6 * d
     assert m.estimate_flops() == pytest.approx(6 * V * d + 2 * plain + 2 * routed, rel=1e-12)
-    # all parameters active; the routers and predictors counted
+    # all parameters active; the routers counted
     counts = m.num_scaling_params()
-    assert counts["mod"] == 2 * (d + d + 1) and counts["total"] == sum(p.numel() for p in m.parameters())
+    assert counts["mod"] == 2 * d and counts["total"] == sum(p.numel() for p in m.parameters())
     assert "MoD blocks: 2 of 4 (layers 1,3), capacity 0.25: top-8 of 32" in describe_params(m)

@@ -225,7 +225,7 @@ def test_gpt_forward_sums_z_and_balance_loss_over_layers_with_zero_routers():
     idx = torch.randint(0, 64, (2, 16))
     ce, aux = model(idx, idx)
     assert set(aux) == {"balance_loss", "z_loss", "mtp_losses", "mod_stats"} and aux["mtp_losses"].numel() == 0
-    assert aux["mod_stats"].shape == (0, 3)
+    assert aux["mod_stats"].shape == (0, 2)
     assert aux["z_loss"].item() == pytest.approx(3 * math.log(4) ** 2, rel=1e-6)
     assert aux["balance_loss"].item() == pytest.approx(3.0, abs=1e-6)
 
