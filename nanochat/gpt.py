@@ -172,10 +172,11 @@ class Block(nn.Module):
             # top-k of each sequence: static shapes (k is fixed by T), not causal
             assert kv_cache is None, "top-k routing needs the whole sequence: no KV cache"
             scores = self.mod.scores(xn)
-            positions = topk_positions(scores, mod_tokens(x.size(1), self.mod_capacity))
+            k = mod_tokens(x.size(1), self.mod_capacity)
+            positions = topk_positions(scores, k)
             chosen = scores.gather(1, positions)
             if self.training:
-                self.mod.record_cut(chosen)
+                self.mod.record_cut(scores, k)
             gate = straight_through_gate(chosen).unsqueeze(-1).to(x.dtype)
             out, moe_losses = self._residual(gather_tokens(x, positions), gather_rotary(cos_sin, positions), gate=gate)
             return scatter_tokens(x, positions, out), moe_losses, causal_stats(scores, positions, self.mod.threshold)
