@@ -81,3 +81,20 @@ def test_plans_mtp_heads_for_both_models():
     cfg = GPTConfig(sequence_len=256, vocab_size=1024, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, mtp_heads=2)
     assert dense_fpt == pytest.approx(flops(cfg), rel=1e-4)
     assert r.stdout.count("--max-seq-len 256 --mtp-heads 2") == 2  # the printed dense and MoE flags carry the heads
+
+
+def test_plans_mod_against_the_plain_models_at_a_flops_budget():
+    r = subprocess.run([sys.executable, "-m", "scripts.iso_flops", "--depth", "2", "--n-embd", "64", "--head-dim", "32",
+                        "--vocab-size", "1024", "--max-seq-len", "256", "--mod-capacity", "0.125", "--target-flops", "1e13"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    common = dict(sequence_len=256, vocab_size=1024, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    plain, mod = flops(GPTConfig(**common)), flops(GPTConfig(**common, mod_capacity=0.125))
+    line = next(l for l in r.stdout.splitlines() if l.strip().startswith("dense") and "->" in l)
+    f0, f1, ratio, t0, t1 = re.search(r"FLOPs/token ([0-9.e+]+) -> ([0-9.e+]+) \(([0-9.]+)x\); tokens at 1e\+13 FLOPs: "
+                                      r"([0-9,]+) -> ([0-9,]+)", line).groups()
+    assert float(f0) == pytest.approx(plain, rel=1e-4) and float(f1) == pytest.approx(mod, rel=1e-4)
+    assert float(ratio) == pytest.approx(mod / plain, abs=1e-3)
+    assert int(t1.replace(",", "")) == round(1e13 / mod) and int(t0.replace(",", "")) == round(1e13 / plain)
+    flags = [l for l in r.stdout.splitlines() if l.startswith(("  dense:", "  moe:"))]
+    assert len(flags) == 2 and all("--mod-capacity 0.125 --mod-freq 2" in l for l in flags)
