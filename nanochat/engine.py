@@ -4,9 +4,10 @@ Inference: sampling with a KV cache, for dense and MoE models alike.
 Without a cache, every new token re-runs the model over the whole context: step t costs a
 forward over t tokens. With a cache, each layer keeps the keys and values of the tokens it
 has already seen, so the prompt is run once (prefill) and each later step runs the model
-over one new token per row (decode), attending to the cached keys. MoE layers need nothing
-special: routing is per token, so a token is routed the same whether it arrives alone or
-inside the full context.
+over one new token per row (decode), attending to the cached keys (Mamba layers carry their
+recurrent state instead; Mixture-of-Depths layers keep only the tokens they processed). MoE
+layers need nothing special: routing is per token, so a token is routed the same whether it
+arrives alone or inside the full context.
 
     from nanochat.engine import generate
     rows = generate(model, tokenizer.encode("Once", prepend_bos=True), max_tokens=64,
@@ -35,9 +36,14 @@ class KVCache:
     Mixture-of-Depths blocks (routed_layers) keep only the tokens they processed, packed to
     the left of each row (their keys were rotated at their absolute positions before they
     were stored, so the packing loses nothing), with a per-row count; their storage starts at
-    routed_len slots and doubles when a row needs more (up to max_len)."""
+    routed_len slots and doubles when a row needs more (up to max_len).
 
-    def __init__(self, batch_size, n_layer, n_kv_head, head_dim, max_len, routed_layers=(), routed_len=None):
+    Mamba layers (mamba_layers) keep no keys at all: their recurrent state (a fixed-size
+    conv window and SSM state per row, nanochat/mamba.py) is the whole memory of the past,
+    so a hybrid's cache grows only with its attention layers."""
+
+    def __init__(self, batch_size, n_layer, n_kv_head, head_dim, max_len, routed_layers=(), routed_len=None,
+                 mamba_layers=()):
         self.batch_size, self.n_layer, self.n_kv_head, self.head_dim = batch_size, n_layer, n_kv_head, head_dim
         self.max_len = max_len
         self.pos = 0
@@ -49,6 +55,8 @@ class KVCache:
         self.routed_len = routed_len or max_len
         self.lengths = {}  # routed layer -> (B,) tokens stored per row
         self.filled = {}   # routed layer -> max over rows of lengths (a host int: slices need one)
+        self.mamba_layers = set(mamba_layers)
+        self.mamba = {}    # Mamba layer -> its state tuple (None before the first forward)
 
     def get_pos(self):
         return self.pos
@@ -70,6 +78,7 @@ class KVCache:
         t0, t1 = self.pos, self.pos + k.size(2)
         assert t1 <= self.max_len, f"KV cache full: {t1} positions > max_len {self.max_len}"
         assert layer_idx not in self.routed, "a routed (MoD) layer stores with append_routed"
+        assert layer_idx not in self.mamba_layers, "a Mamba layer keeps a state, not keys"
         if self.k[layer_idx] is None:
             self.k[layer_idx] = self._allocate(layer_idx, k, self.max_len)
             self.v[layer_idx] = self._allocate(layer_idx, v, self.max_len)
@@ -109,6 +118,13 @@ class KVCache:
         self.v[layer_idx][rows, :, slot] = v[rows, :, cols]
         self.lengths[layer_idx], self.filled[layer_idx] = new, need
 
+    def mamba_state(self, layer_idx):
+        return self.mamba.get(layer_idx)
+
+    def set_mamba_state(self, layer_idx, state):
+        assert layer_idx in self.mamba_layers, f"layer {layer_idx} is not a Mamba layer"
+        self.mamba[layer_idx] = state
+
     def repeat_rows(self, n):
         """Each row becomes n consecutive rows (row r -> rows r*n .. r*n+n-1): one prefilled
         prompt, then n samples that diverge from there. Copies, as the rows will differ."""
@@ -118,16 +134,19 @@ class KVCache:
         self.k = [None if t is None else t.repeat_interleave(n, dim=0) for t in self.k]
         self.v = [None if t is None else t.repeat_interleave(n, dim=0) for t in self.v]
         self.lengths = {i: t.repeat_interleave(n, dim=0) for i, t in self.lengths.items()}
+        self.mamba = {i: tuple(t.repeat_interleave(n, dim=0) for t in s) for i, s in self.mamba.items()}
 
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+        tensors = [t for t in self.k + self.v if t is not None] + [t for s in self.mamba.values() for t in s]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def new_kv_cache(model, batch_size, max_len):
     from nanochat.mod import routed_cache_capacity
     cfg = model.config
     return KVCache(batch_size, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, max_len,
-                   routed_layers=model.mod_layers(), routed_len=routed_cache_capacity(cfg.mod_capacity, max_len))
+                   routed_layers=model.mod_layers(), routed_len=routed_cache_capacity(cfg.mod_capacity, max_len),
+                   mamba_layers=model.mamba_layers())
 
 
 def apply_repetition_penalty(logits, history, penalty):

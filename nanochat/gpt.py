@@ -6,6 +6,7 @@ The GPT, nanochat style:
 - optional Mixture-of-Experts in place of the MLP (use_moe; every moe_freq-th layer)
 - optional multi-token prediction heads (mtp_heads; training only)
 - optional Mixture-of-Depths (mod_capacity; every mod_freq-th block; see nanochat/mod.py)
+- optional Mamba-2 layers in place of attention (layer_pattern; see nanochat/mamba.py)
 """
 
 from dataclasses import dataclass, asdict
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.mamba import Mamba2
 from nanochat.moe import MoE
 from nanochat.mod import (MoDRouter, mod_tokens, topk_positions, gather_tokens, scatter_tokens, gather_rotary,
                           straight_through_gate, causal_stats, routed_attention_mask)
@@ -57,6 +59,17 @@ class GPTConfig:
     # sequence in training, chosen by its router; 0 = off. Works with dense and MoE FFNs.
     mod_capacity: float = 0.0
     mod_freq: int = 2
+    # Hybrid models: layer i mixes its tokens with attention ("A") or a Mamba-2 SSD layer ("M")
+    # as layer_pattern[i % len(layer_pattern)] says ("AM": alternate; "A": attention only).
+    # The FFN of every layer is still dense or MoE by use_moe/moe_freq. Mamba-2 shapes
+    # (Dao & Gu 2024; nanochat/mamba.py): state size, inner width = expand * n_embd in heads
+    # of mamba_head_dim, the chunk of the SSD scan, the depthwise conv's width.
+    layer_pattern: str = "A"
+    mamba_d_state: int = 64
+    mamba_expand: int = 2
+    mamba_head_dim: int = 64
+    mamba_chunk: int = 64
+    mamba_d_conv: int = 4
 
     def to_dict(self):
         return asdict(self)
@@ -64,6 +77,9 @@ class GPTConfig:
     def is_moe_layer(self, layer_idx):
         # moe_freq=2 -> layers 1, 3, 5, ... are MoE (every other FFN, as in GShard/Switch).
         return self.use_moe and (layer_idx + 1) % self.moe_freq == 0
+
+    def is_mamba_layer(self, layer_idx):
+        return self.layer_pattern[layer_idx % len(self.layer_pattern)] == "M"
 
     def is_mod_layer(self, layer_idx):
         # mod_freq=2 -> blocks 1, 3, 5, ... are routed (every other block, as in Raposo et al.).
@@ -146,22 +162,41 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer_idx, dense=False):
         super().__init__()
-        self.attn = CausalSelfAttention(config, layer_idx)
+        self.layer_idx = layer_idx
+        # the token mixer: attention, or Mamba-2 where the layer pattern says so (dense=True,
+        # an MTP head: always attention)
+        self.is_mamba = config.is_mamba_layer(layer_idx) and not dense
+        if self.is_mamba:
+            self.mamba = Mamba2(config)
+        else:
+            self.attn = CausalSelfAttention(config, layer_idx)
         self.is_moe = config.is_moe_layer(layer_idx) and not dense
         self.mlp = MoE(config) if self.is_moe else MLP(config)
         # Mixture-of-Depths: a routed block has a router and a causal threshold (nanochat/mod.py)
         self.mod = MoDRouter(config.n_embd) if config.is_mod_layer(layer_idx) and not dense else None
+        assert not (self.mod is not None and self.is_mamba), "a Mamba layer cannot be a MoD-routed block"
         self.mod_capacity = config.mod_capacity
         self.mod_rule = "auto"  # auto: top-k in training, the causal threshold in eval; "topk": top-k always
 
     def _residual(self, x, cos_sin, kv_cache=None, gate=None, select=None):
         """x + attn, then + FFN; gate (B, T, 1) multiplies both residual branches (MoD)."""
         scale = (lambda y: y) if gate is None else (lambda y: gate * y)
-        x = x + scale(self.attn(norm(x), cos_sin, kv_cache, select))
+        x = x + scale(self._mamba(norm(x), kv_cache) if self.is_mamba else self.attn(norm(x), cos_sin, kv_cache, select))
         if self.is_moe:  # MoE layers need nothing for a KV cache: routing is per token
             y, moe_losses = self.mlp(norm(x))
             return x + scale(y), moe_losses
         return x + scale(self.mlp(norm(x))), None
+
+    def _mamba(self, xn, kv_cache):
+        """Mamba-2 mixing; with a cache the layer continues (and replaces) its recurrent state."""
+        if kv_cache is None:
+            return self.mamba(xn)
+        state = kv_cache.mamba_state(self.layer_idx)
+        if state is None:
+            state = self.mamba.new_state(xn.size(0), xn.device, xn.dtype)
+        y, state = self.mamba(xn, state=state)
+        kv_cache.set_mamba_state(self.layer_idx, state)
+        return y
 
     def forward(self, x, cos_sin, kv_cache=None):
         """Returns (x, MoE losses or None, MoD statistics (2,) or None)."""
@@ -217,9 +252,12 @@ class GPT(nn.Module):
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         s = 3**0.5 * self.config.n_embd**-0.5  # uniform(-s, s) has std n_embd^-0.5
         for block in [*self.transformer.h, *self.mtp]:  # an MTP head starts as the identity on the trunk
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
-                torch.nn.init.uniform_(lin.weight, -s, s)
-            torch.nn.init.zeros_(block.attn.c_proj.weight)
+            if block.is_mamba:
+                block.mamba.init_weights()  # Mamba-2's init; zero output projection
+            else:
+                for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                    torch.nn.init.uniform_(lin.weight, -s, s)
+                torch.nn.init.zeros_(block.attn.c_proj.weight)
             if block.mod is not None:
                 block.mod.init_weights()
             if block.is_moe:
@@ -253,9 +291,12 @@ class GPT(nn.Module):
         parts. Shared experts run for every token: they are active, never inactive."""
         counts = {"wte": self.transformer.wte.weight.numel(), "lm_head": self.lm_head.weight.numel(),
                   "attn": 0, "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "moe_inactive": 0,
-                  "mtp": sum(p.numel() for p in self.mtp.parameters()), "mod": 0}
+                  "mtp": sum(p.numel() for p in self.mtp.parameters()), "mod": 0, "mamba": 0}
         for block in self.transformer.h:
-            counts["attn"] += sum(p.numel() for p in block.attn.parameters())
+            if block.is_mamba:
+                counts["mamba"] += sum(p.numel() for p in block.mamba.parameters())
+            else:
+                counts["attn"] += sum(p.numel() for p in block.attn.parameters())
             if block.mod is not None:  # MoD routers: active (every token is scored)
                 counts["mod"] += sum(p.numel() for p in block.mod.parameters())
             if block.is_moe:
@@ -277,7 +318,9 @@ class GPT(nn.Module):
         attention like a layer's, plus the shared lm_head once more per head (its matmul runs
         again on each head's hidden state). A MoD block runs on k = mod_tokens(T, C) of every T
         tokens, and its attention spans k: (k/T) * (6 * its active weights + 12 * n_head *
-        head_dim * k), plus its router on every token (MoDRouter.flops_per_token)."""
+        head_dim * k), plus its router on every token (MoDRouter.flops_per_token). A Mamba layer:
+        its FFN as usual plus Mamba2.flops_per_token (projections, conv and the chunked SSD
+        scan, counted by our algorithm), no attention term."""
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
         attention = lambda span: 12 * cfg.n_head * head_dim * span
@@ -285,10 +328,12 @@ class GPT(nn.Module):
         flops = 6 * lm_head * (1 + cfg.mtp_heads)
         flops += sum(6 * sum(p.numel() for p in head.parameters()) + attention(cfg.sequence_len) for head in self.mtp)
         for block in self.transformer.h:
-            active = sum(p.numel() for name, p in block.named_parameters() if not name.startswith("mod."))
+            active = sum(p.numel() for name, p in block.named_parameters() if not name.startswith(("mod.", "mamba.")))
             if block.is_moe:
                 active -= block.mlp.param_counts()["inactive"]
-            if block.mod is None:
+            if block.is_mamba:
+                flops += 6 * active + block.mamba.flops_per_token(cfg.sequence_len)
+            elif block.mod is None:
                 flops += 6 * active + attention(cfg.sequence_len)
             else:
                 k = mod_tokens(cfg.sequence_len, cfg.mod_capacity)
@@ -297,6 +342,9 @@ class GPT(nn.Module):
 
     def num_moe_layers(self):
         return sum(1 for block in self.transformer.h if block.is_moe)
+
+    def mamba_layers(self):
+        return [i for i, block in enumerate(self.transformer.h) if block.is_mamba]
 
     def mod_layers(self):
         return [i for i, block in enumerate(self.transformer.h) if block.mod is not None]
@@ -402,7 +450,10 @@ def describe_params(model):
         ]
     else:
         lines.append(f"Active Params/tok: {format_count(c['active_total'])} (dense model: every parameter)")
+    n_mamba = len(model.mamba_layers())
     lines.append(f"Layers: {n_moe} MoE + {cfg.n_layer - n_moe} dense (of {cfg.n_layer})"
+                 + (f"; mixers: {cfg.n_layer - n_mamba} attention + Mamba layers: {n_mamba} (pattern "
+                    f"{cfg.layer_pattern!r}, {format_count(c['mamba'])} Mamba params)" if n_mamba else "")
                  + (f"; MTP heads: {cfg.mtp_heads} (training only, {format_count(c['mtp'])} params, "
                     f"predicting tokens t+2..t+{cfg.mtp_heads + 1})" if cfg.mtp_heads else ""))
     mod = model.mod_layers()

@@ -40,6 +40,8 @@ TOLERANCE = 1e-4  # max abs logit difference (fp32) for a grown model to count a
 def _new_model(model, **changes):
     if model.config.mod_capacity:  # a routed block's router and threshold would need their own rules
         raise UserError("scripts.grow: growing a Mixture-of-Depths model (--mod-capacity) is not supported")
+    if model.mamba_layers():  # widening or stacking a Mamba layer exactly is its own piece of work
+        raise UserError("scripts.grow: growing a hybrid model with Mamba layers (--layer-pattern) is not supported")
     return build_model(replace(model.config, **changes), model.cos.device)
 
 

@@ -73,7 +73,7 @@ def ssd_chunked(X, A, B, C, chunk, initial_state=None):
     # the total decay between them. c is small (l / Q), so this (c+1)^2 matmul is cheap and
     # keeps everything parallel (paper section 7, step 3).
     if initial_state is None:
-        initial_state = torch.zeros(b, h, p, X.size(-1) if False else B.size(-1), device=X.device)
+        initial_state = torch.zeros(b, h, p, B.size(-1), device=X.device)
     states = torch.cat([initial_state.float().unsqueeze(1), states], dim=1)   # (b, c+1, h, p, n)
     chunk_decay = torch.exp(segsum(F.pad(A_cum[..., -1], (1, 0))))            # (b, h, c+1, c+1)
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
@@ -143,7 +143,7 @@ class Mamba2(nn.Module):
         z, xBC, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, H], dim=-1)
         # causal conv: the window of token t is the K-1 inputs before it (zeros at the start of
         # a sequence, the cached ones when continuing) and itself.
-        past = F.pad(xBC.new_zeros(b, self.conv_dim, 0), (K - 1, 0)) if state is None else state[0].to(xBC.dtype)
+        past = xBC.new_zeros(b, self.conv_dim, K - 1) if state is None else state[0].to(xBC.dtype)
         conv_in = torch.cat([past, xBC.transpose(1, 2)], dim=-1)  # (b, conv_dim, K-1+T)
         conv_state = conv_in[..., conv_in.size(-1) - (K - 1):]     # last K-1 pre-conv inputs
         decode = state is not None and T == 1

@@ -46,6 +46,13 @@ def add_model_args(p, planner=False):
     p.add_argument("--mod-capacity", type=float, default=0.0,
                    help="Mixture-of-Depths: fraction of each sequence's tokens a routed block processes, e.g. 0.125 (0 = off)")
     p.add_argument("--mod-freq", type=int, default=2, help="--mod-capacity: every n-th block is routed (2 = every other)")
+    p.add_argument("--layer-pattern", default="A",
+                   help="token mixer per layer, repeated over the depth: A = attention, M = Mamba-2 (e.g. AM alternates)")
+    p.add_argument("--mamba-d-state", type=int, default=64, help="Mamba-2 state size per head")
+    p.add_argument("--mamba-expand", type=int, default=2, help="Mamba-2 inner width = expand x model width")
+    p.add_argument("--mamba-head-dim", type=int, default=64, help="Mamba-2 head dimension (inner width / heads)")
+    p.add_argument("--mamba-chunk", type=int, default=64, help="chunk length of Mamba-2's SSD scan")
+    p.add_argument("--mamba-d-conv", type=int, default=4, help="width of Mamba-2's causal depthwise conv")
     if not planner:
         p.add_argument("--use-moe", action="store_true", help="replace MLPs with a token-choice top-k MoE")
     p.add_argument("--n-experts", type=int, default=8)
@@ -92,6 +99,16 @@ def validate_model_args(args):
     require(0 <= args.mod_capacity <= 1, f"--mod-capacity must be in [0, 1], 0 = off (got {args.mod_capacity})")
     require(not args.mod_capacity or 1 <= args.mod_freq <= depth,
             f"--mod-freq must be in 1..--depth {depth}, or no block is routed (got {args.mod_freq})")
+    pattern = args.layer_pattern
+    require(pattern != "" and set(pattern) <= {"A", "M"}, f"--layer-pattern must be letters A (attention) and M (Mamba), got {pattern!r}")
+    if any(pattern[i % len(pattern)] == "M" for i in range(depth)):
+        d = model_shape(args)[1]
+        require(args.mamba_expand >= 1 and args.mamba_d_state >= 1 and args.mamba_chunk >= 1 and args.mamba_d_conv >= 1,
+                "--mamba-expand, --mamba-d-state, --mamba-chunk and --mamba-d-conv must be >= 1")
+        require(args.mamba_head_dim >= 1 and (args.mamba_expand * d) % args.mamba_head_dim == 0,
+                f"--mamba-head-dim {args.mamba_head_dim} must divide the Mamba inner width --mamba-expand x width = {args.mamba_expand * d}")
+        require(not args.mod_capacity, "--mod-capacity with Mamba layers (--layer-pattern) is not supported: "
+                                       "a routed block must be an attention block")
     if not getattr(args, "use_moe", True):  # planners have no --use-moe: they always plan an MoE
         return
     require(args.n_experts >= 1, f"--n-experts must be >= 1 (got {args.n_experts})")
@@ -113,7 +130,9 @@ def config_from_args(args, vocab_size, **overrides):
     for a dense model; an --expert-hidden-mult of 0 means iso-FLOPs with the dense MLP."""
     depth, n_embd, n_head, n_kv_head, _, seq = model_shape(args)
     cfg = dict(sequence_len=seq, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
-               mtp_heads=args.mtp_heads, mod_capacity=args.mod_capacity, mod_freq=args.mod_freq)
+               mtp_heads=args.mtp_heads, mod_capacity=args.mod_capacity, mod_freq=args.mod_freq,
+               layer_pattern=args.layer_pattern, mamba_d_state=args.mamba_d_state, mamba_expand=args.mamba_expand,
+               mamba_head_dim=args.mamba_head_dim, mamba_chunk=args.mamba_chunk, mamba_d_conv=args.mamba_d_conv)
     if getattr(args, "use_moe", True):
         cfg.update(use_moe=True, n_experts=args.n_experts, expert_topk=args.expert_topk, moe_freq=args.moe_freq,
                    n_shared_experts=args.n_shared_experts,
@@ -130,7 +149,9 @@ def config_from_args(args, vocab_size, **overrides):
 INIT_FROM_FIXED = dict(depth="n_layer", n_embd="n_embd", n_kv_head="n_kv_head", max_seq_len="sequence_len",
                        use_moe="use_moe", n_experts="n_experts", expert_topk="expert_topk", moe_freq="moe_freq",
                        n_shared_experts="n_shared_experts", expert_hidden_mult="expert_hidden_mult", router="router",
-                       route_scale="route_scale", mtp_heads="mtp_heads", mod_capacity="mod_capacity", mod_freq="mod_freq")
+                       route_scale="route_scale", mtp_heads="mtp_heads", mod_capacity="mod_capacity", mod_freq="mod_freq",
+                       layer_pattern="layer_pattern", mamba_d_state="mamba_d_state", mamba_expand="mamba_expand",
+                       mamba_head_dim="mamba_head_dim", mamba_chunk="mamba_chunk", mamba_d_conv="mamba_d_conv")
 
 
 def resolve_init_from(args, given, world_size):
@@ -180,4 +201,6 @@ def resolve_init_from(args, given, world_size):
     args.router, args.route_scale = config.router, config.route_scale
     args.aux_free_bias, args.capacity_factor = config.aux_free_bias, config.capacity_factor
     args.mtp_heads, args.mod_capacity, args.mod_freq = config.mtp_heads, config.mod_capacity, config.mod_freq
+    for name in ("layer_pattern", "mamba_d_state", "mamba_expand", "mamba_head_dim", "mamba_chunk", "mamba_d_conv"):
+        setattr(args, name, getattr(config, name))
     return dict(checkpoint=ckpt, meta=meta, config=config)

@@ -73,7 +73,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, router_lr=0.004,
-                     weight_decay=0.0, adam_betas=(0.8, 0.95), device_type="cpu"):
+                     scalar_lr=0.004, weight_decay=0.0, adam_betas=(0.8, 0.95), device_type="cpu"):
     """Return [adamw, muon]; each param group remembers its base lr in 'initial_lr'.
 
     - Muon: every matrix inside the blocks (attention, dense MLP, experts), MTP heads' blocks included.
@@ -84,18 +84,27 @@ def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr
       logit the same update magnitude (all singular values 1), which amplifies the small,
       noisy early gradients of rarely chosen experts and fights the balance loss. The
       Mixture-of-Depths routers (a 1 x d row each) join them.
+    - AdamW for Mamba-2's per-head A_log, D, dt_bias and its depthwise conv (not matrices:
+      Muon is for 2-D weights; its in/out projections are, and go to Muon), at scalar_lr.
     """
     d_model = model.config.n_embd
     lr_scale = (d_model / 768) ** -0.5
-    router_params, matrix_params = [], []
+    router_params, mamba_params, matrix_params = [], [], []
     for name, p in [*model.transformer.h.named_parameters(), *model.mtp.named_parameters()]:
-        (router_params if ".router." in name or ".mod." in name else matrix_params).append(p)
+        if ".router." in name or ".mod." in name:
+            router_params.append(p)
+        elif ".mamba." in name and p.dim() != 2:
+            mamba_params.append(p)
+        else:
+            matrix_params.append(p)
     adam_groups = [
         dict(params=[model.lm_head.weight], lr=unembedding_lr * lr_scale),
         dict(params=[model.transformer.wte.weight], lr=embedding_lr * lr_scale),
     ]
     if router_params:
         adam_groups.append(dict(params=router_params, lr=router_lr))
+    if mamba_params:
+        adam_groups.append(dict(params=mamba_params, lr=scalar_lr))
     n_assigned = sum(len(g["params"]) for g in adam_groups) + len(matrix_params)
     assert n_assigned == len(list(model.parameters())), "a parameter was left without an optimizer"
     adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay,
@@ -104,7 +113,8 @@ def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr
     for opt in (adamw, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
-    print0(f"Optimizers: AdamW (embedding, lm_head, {len(router_params)} router tensors), Muon ({len(matrix_params)} matrices)")
+    print0(f"Optimizers: AdamW (embedding, lm_head, {len(router_params)} router tensors"
+           + (f", {len(mamba_params)} Mamba scalars/convs" if mamba_params else "") + f"), Muon ({len(matrix_params)} matrices)")
     return [adamw, muon]
 
 

@@ -341,7 +341,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
 
     model_tag = args.model_tag or (f"d{config.n_layer}" + (f"_moe{args.n_experts}k{args.expert_topk}" if args.use_moe else "")
-                                   + (f"_mod{config.mod_capacity:g}" if config.mod_capacity else ""))
+                                   + (f"_mod{config.mod_capacity:g}" if config.mod_capacity else "")
+                                   + (f"_{config.layer_pattern}" if "M" in config.layer_pattern else ""))
     run_dir = os.path.join(get_base_dir(), "runs", model_tag)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     state = RunState(flops=init_flops)

@@ -1,8 +1,9 @@
 """
 Inference benchmark: greedy decoding with the KV cache, one checkpoint or several side by
-side (dense vs MoE), at several batch sizes.
+side (dense vs MoE, attention-only vs hybrid), at several batch sizes and context lengths.
 
     python -m scripts.bench_infer --model-tags cpu_dense cpu_moe --batch-sizes 1,4,16
+    python -m scripts.bench_infer --model-tags attn hybrid --batch-sizes 1 --prompt-len 64,512,2048
 
 Each row of a batch gets its own prompt of --prompt-len random (seeded) tokens after BOS, then
 --gen-tokens greedy tokens are decoded (no early stop, so every run does the same work).
@@ -19,10 +20,13 @@ Columns:
     peak MiB       CUDA: torch.cuda.max_memory_allocated during the run ("cuda alloc");
                    CPU: the process's peak RSS so far ("cpu RSS"), a high-water mark of the
                    whole process (all models loaded), so it only ever grows
-    KV MiB         the KV cache's tensors, exact
+    KV MiB         the KV cache's tensors, exact (a Mamba layer's recurrent state included: it
+                   does not grow with the context, attention layers' keys do)
     fwd FLOPs/tok  inference forward FLOPs per token, active parameters only:
-                   2 x (active params - embedding) + 4 x n_layer x n_embd x context, with
-                   context the mean length attended during decode (prompt + (gen + 1) / 2).
+                   2 x (active params - embedding) + 4 x n_attention_layers x n_embd x context,
+                   with context the mean length attended during decode (prompt + (gen + 1) / 2),
+                   plus per Mamba layer the recurrent state update and read, 4 x heads x
+                   head_dim x state size (the decode step's form of the SSD scan).
                    (Training counts 6N + 12 x n_layer x n_embd x seq_len: model.estimate_flops.)
 Finally one line of JSON with every row.
 """
@@ -45,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--paths", nargs="+", default=[], help="run folders or checkpoint folders (instead of --model-tags)")
     p.add_argument("--step", default="latest", help="checkpoint step number, 'best' or 'latest' (for every model)")
     p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated batch sizes")
-    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (after BOS)")
+    p.add_argument("--prompt-len", default="64", help="prompt tokens per row (after BOS); comma-separated for several")
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens decoded per row")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per (model, batch size), after 1 warm-up")
     p.add_argument("--seed", type=int, default=42, help="seed of the random prompts")
@@ -62,7 +66,11 @@ def validate_args(args):
     except ValueError:
         raise UserError(f"--batch-sizes must be comma-separated integers, e.g. 1,4,16 (got {args.batch_sizes!r})")
     require(all(b >= 1 for b in batch_sizes), f"--batch-sizes must all be >= 1 (got {args.batch_sizes})")
-    require(args.prompt_len >= 0, f"--prompt-len must be >= 0 (got {args.prompt_len})")
+    try:
+        args.prompt_lens = [int(n) for n in str(args.prompt_len).split(",")]
+    except ValueError:
+        raise UserError(f"--prompt-len must be comma-separated integers, e.g. 64,512 (got {args.prompt_len!r})")
+    require(all(n >= 0 for n in args.prompt_lens), f"--prompt-len must be >= 0 (got {args.prompt_len})")
     require(args.gen_tokens >= 1, f"--gen-tokens must be >= 1 (got {args.gen_tokens})")
     require(args.repeats >= 1, f"--repeats must be >= 1 (got {args.repeats})")
     return check_device_type(args.device_type), batch_sizes
@@ -87,7 +95,11 @@ def forward_flops_per_token(model, context):
     cfg = model.config
     c = model.num_scaling_params()
     head_dim = cfg.n_embd // cfg.n_head
-    return 2 * (c["active_total"] - c["wte"]) + 4 * cfg.n_layer * cfg.n_head * head_dim * context
+    mamba = model.mamba_layers()
+    n_heads_ssm = cfg.mamba_expand * cfg.n_embd // cfg.mamba_head_dim
+    ssm_step = 4 * n_heads_ssm * cfg.mamba_head_dim * cfg.mamba_d_state
+    return (2 * (c["active_total"] - c["wte"]) + 4 * (cfg.n_layer - len(mamba)) * cfg.n_head * head_dim * context
+            + len(mamba) * ssm_step)
 
 
 def peak_memory_reset(device):
@@ -122,9 +134,9 @@ def make_prompts(vocab_size, bos_id, batch_size, prompt_len, seed):
 
 
 def fmt_table(rows, mem_col):
-    cols = ["model", "batch", "latency ms", "ms/sample", "prefill ms", "decode ms", "tok/s", "samples/s",
+    cols = ["model", "prompt", "batch", "latency ms", "ms/sample", "prefill ms", "decode ms", "tok/s", "samples/s",
             mem_col, "KV MiB", "fwd FLOPs/tok", "params total", "params active"]
-    cells = [[r["model"], str(r["batch_size"]), f"{r['latency_ms']:.1f}", f"{r['ms_per_sample']:.2f}",
+    cells = [[r["model"], str(r["prompt_len"]), str(r["batch_size"]), f"{r['latency_ms']:.1f}", f"{r['ms_per_sample']:.2f}",
               f"{r['prefill_ms']:.1f}", f"{r['decode_ms']:.1f}", f"{r['tokens_per_s']:,.0f}",
               f"{r['samples_per_s']:.2f}", f"{r['peak_mem_mib']:.0f}", f"{r['kv_cache_mib']:.2f}",
               f"{r['fwd_flops_per_token']:.3e}", f"{r['params_total']:,}", f"{r['params_active']:,}"] for r in rows]
@@ -143,7 +155,7 @@ def main():
     models = []
     for label, ckpt in find_checkpoints(args):
         model, tokenizer, _ = load_model(ckpt, device)
-        need = 1 + args.prompt_len + args.gen_tokens
+        need = 1 + max(args.prompt_lens) + args.gen_tokens
         if need > max_positions(model):
             raise UserError(f"--prompt-len + --gen-tokens + BOS = {need} exceeds what {label} encodes ({max_positions(model)} positions)")
         models.append((label, ckpt, model, tokenizer.get_bos_token_id()))
@@ -151,10 +163,10 @@ def main():
     mem_col = "peak MiB (cuda alloc)" if device.type == "cuda" else "peak MiB (cpu RSS)"
     print(f"device {device_type}, threads {torch.get_num_threads()}, prompt {args.prompt_len} + BOS, "
           f"{args.gen_tokens} greedy tokens, median of {args.repeats} after 1 warm-up")
-    context = 1 + args.prompt_len + (args.gen_tokens + 1) / 2
     rows = []
-    for bs in batch_sizes:
-        prompts = {label: make_prompts(model.config.vocab_size, bos, bs, args.prompt_len, args.seed)
+    for prompt_len, bs in [(n, b) for n in args.prompt_lens for b in batch_sizes]:
+        context = 1 + prompt_len + (args.gen_tokens + 1) / 2
+        prompts = {label: make_prompts(model.config.vocab_size, bos, bs, prompt_len, args.seed)
                    for label, _, model, bos in models}
         for label, _, model, _ in models:  # warm-up (allocator, kernels, caches)
             run_once(model, prompts[label], args.gen_tokens, device)
@@ -169,7 +181,7 @@ def main():
             c = model.num_scaling_params()
             rows.append(dict(
                 model=label, checkpoint=ckpt, moe=model.config.use_moe, batch_size=bs,
-                prompt_len=args.prompt_len, gen_tokens=args.gen_tokens, repeats=args.repeats,
+                prompt_len=prompt_len, mamba_layers=len(model.mamba_layers()), gen_tokens=args.gen_tokens, repeats=args.repeats,
                 latency_ms=1000 * wall, ms_per_sample=1000 * wall / bs,
                 prefill_ms=1000 * med("prefill"), decode_ms=1000 * med("decode"),
                 tokens_per_s=bs * args.gen_tokens / wall, samples_per_s=bs / wall,

@@ -12,8 +12,10 @@ shared), which leaves the router's E·d uncompensated (or --expert-hidden-mult X
 remaining mismatch, measured with GPT.estimate_flops() of the two built models, is reported. Prints both configs side by side with params, FLOPs/token, a
 training-memory estimate, and the base_train flags to use.
 
-Architecture variants (--mtp-heads, --mod-capacity/--mod-freq) apply to both models; the
-planner then also prints what they do to FLOPs/token against the same models without them,
+Architecture variants (--mtp-heads, --mod-capacity/--mod-freq, --layer-pattern with Mamba
+layers) apply to both models; the
+planner then also prints what they do to FLOPs/token against the same models without them
+(attention-only, no heads, no MoD),
 and with --target-flops how many training tokens each of the four gets at that budget (the
 fair comparison is at equal FLOPs: MTP heads cost tokens, MoD buys them).
 """
@@ -127,7 +129,10 @@ def main():
     for r in [header] + lines:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     variants = (f" --mtp-heads {args.mtp_heads}" if args.mtp_heads else "") + \
-        (f" --mod-capacity {args.mod_capacity:g} --mod-freq {args.mod_freq}" if args.mod_capacity else "")
+        (f" --mod-capacity {args.mod_capacity:g} --mod-freq {args.mod_freq}" if args.mod_capacity else "") + \
+        (f" --layer-pattern {args.layer_pattern} --mamba-d-state {args.mamba_d_state} --mamba-expand {args.mamba_expand} "
+         f"--mamba-head-dim {args.mamba_head_dim} --mamba-chunk {args.mamba_chunk} --mamba-d-conv {args.mamba_d_conv}"
+         if "M" in args.layer_pattern else "")
     if variants:
         print_variant_plan(args, mult, f_dense, f_moe, variants.strip())
     base = f"--depth {depth} --n-embd {d} --head-dim {head_dim} --max-seq-len {seq_len}" + variants
@@ -142,7 +147,7 @@ def main():
 def print_variant_plan(args, mult, f_dense, f_moe, variants):
     """FLOPs/token of the two planned models against the same models without MTP/MoD, and the
     tokens each gets at --target-flops."""
-    plain = dict(mtp_heads=0, mod_capacity=0.0)
+    plain = dict(mtp_heads=0, mod_capacity=0.0, layer_pattern="A")
     f_dense0 = build_meta(config_from_args(args, args.vocab_size, use_moe=False, **plain)).estimate_flops()
     f_moe0 = build_meta(config_from_args(args, args.vocab_size, expert_hidden_mult=mult, **plain)).estimate_flops()
     print(f"\n{variants} against the same models without them:")

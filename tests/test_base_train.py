@@ -436,3 +436,27 @@ def test_mod_trains_logs_per_block_and_evaluates_both_rules(base_dir):
     assert math.isfinite(evals[-1]["val_bpb"]) and math.isfinite(evals[-1]["val_bpb_topk"])
     p = run_train(base_dir, TINY + ["--mod-capacity", "1.5", "--num-iterations", "1", "--model-tag", "x"], check=False)
     assert p.returncode == 2 and "--mod-capacity must be in [0, 1]" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_hybrid_moe_trains_and_resumes_exactly(base_dir):
+    tag = "hybrid"
+    hybrid = ["--layer-pattern", "AM", "--mamba-d-state", "16", "--mamba-head-dim", "64", "--mamba-chunk", "16"]
+    args = TINY + MOE + hybrid + ["--num-iterations", "4", "--eval-every", "-1", "--save-every", "2", "--model-tag", tag]
+    p = run_train(base_dir, args)
+    assert "Mamba layers: 1 (pattern 'AM'" in p.stdout
+    full = read_metrics(base_dir, tag)
+    assert full[0]["config"]["layer_pattern"] == "AM" and full[0]["params"]["mamba"] > 0
+    ckpts = base_dir / "runs" / tag / "checkpoints"
+    full_weights = load_file(str(ckpts / "step_000004" / "model.safetensors"))
+    assert any(".mamba.A_log" in k for k in full_weights)
+    run_train(base_dir, args + ["--resume-from-step", "2"])
+    resumed = read_metrics(base_dir, tag)
+    assert [r["train_loss"] for r in of_type(resumed, "train")] == [r["train_loss"] for r in of_type(full, "train")]
+    assert of_type(resumed, "train")[-1]["train_loss"] < of_type(resumed, "train")[0]["train_loss"]
+    resumed_weights = load_file(str(ckpts / "step_000004" / "model.safetensors"))
+    assert all(torch.equal(full_weights[k], resumed_weights[k]) for k in full_weights)
+    for bad, message in ((["--layer-pattern", "AX"], "--layer-pattern must be letters A"),
+                         (["--layer-pattern", "M", "--mamba-head-dim", "48"], "--mamba-head-dim 48 must divide"),
+                         (["--layer-pattern", "AM", "--mod-capacity", "0.5"], "--mod-capacity with Mamba layers")):
+        p = run_train(base_dir, TINY + bad + ["--num-iterations", "1", "--model-tag", "x"], check=False)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr

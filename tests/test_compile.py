@@ -36,11 +36,12 @@ def _skew_router(model, step, generator):
                 w.normal_(0.0, 1.0, generator=generator)
 
 
-def _train_compiled(use_moe, steps=5, mtp_heads=0, mod_capacity=0.0):
+def _train_compiled(use_moe, steps=5, mtp_heads=0, mod_capacity=0.0, layer_pattern="A"):
     torch.manual_seed(0)
     config = GPTConfig(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
                        use_moe=use_moe, n_experts=N_EXPERTS, expert_topk=2, expert_hidden_mult=2, mtp_heads=mtp_heads,
-                       mod_capacity=mod_capacity, mod_freq=1)
+                       mod_capacity=mod_capacity, mod_freq=1, layer_pattern=layer_pattern, mamba_d_state=16,
+                       mamba_head_dim=32, mamba_chunk=8)
     model = build_model(config, torch.device("cpu"))
     optimizers = setup_optimizers(model)
     compiled = torch.compile(model, dynamic=False, fullgraph=True)  # as scripts/base_train.py does
@@ -77,12 +78,13 @@ def _train_compiled(use_moe, steps=5, mtp_heads=0, mod_capacity=0.0):
                 warmup_seconds=warmup_seconds)
 
 
-@pytest.mark.parametrize("use_moe,mtp_heads,mod_capacity", [(False, 0, 0.0), (True, 0, 0.0), (True, 2, 0.0), (True, 0, 0.25)],
-                         ids=["dense", "moe", "moe_mtp2", "moe_mod"])
-def test_compiled_training_never_recompiles(use_moe, mtp_heads, mod_capacity):
+@pytest.mark.parametrize("use_moe,mtp_heads,mod_capacity,layer_pattern",
+                         [(False, 0, 0.0, "A"), (True, 0, 0.0, "A"), (True, 2, 0.0, "A"), (True, 0, 0.25, "A"), (True, 0, 0.0, "AM")],
+                         ids=["dense", "moe", "moe_mtp2", "moe_mod", "moe_hybrid"])
+def test_compiled_training_never_recompiles(use_moe, mtp_heads, mod_capacity, layer_pattern):
     """moe_mod: every block routed (MoD picks 8 of 32 tokens, the MoE their experts); which
     tokens changes every step, the shapes never do."""
-    r = _train_compiled(use_moe, mtp_heads=mtp_heads, mod_capacity=mod_capacity)
+    r = _train_compiled(use_moe, mtp_heads=mtp_heads, mod_capacity=mod_capacity, layer_pattern=layer_pattern)
     print(f"compile + first step: {r['warmup_seconds']:.1f} s, graphs {r['graphs']}")
     assert r["graphs_after_warmup"] >= 1
     assert r["graphs"] == r["graphs_after_warmup"], "a later step compiled a new graph"

@@ -172,3 +172,18 @@ def test_fp8_expert_mlp_padding_matches_unpadded_experts(counts):
     assert all(s > 0 and s % 16 == 0 for s in sizes.tolist())
     _, _, n_padded = pad_token_groups(offsets, n_rows)
     assert n_padded == -(-(n_rows + 16 * n_experts) // 16) * 16
+
+
+def test_filter_on_a_hybrid_gpt():
+    """Mamba layers: the output projection (128 -> 64) converts; the input projection's width
+    2*128 + 2*16 + 4 = 292 does not divide by 16 and stays; the depthwise conv is no Linear."""
+    config = GPTConfig(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, layer_pattern="AM",
+                       mamba_d_state=16, mamba_head_dim=32)
+    model = build_model(config, "cpu")
+    decisions = {name: fp8_module_filter(mod, name) for name, mod in model.named_modules()}
+    assert decisions["transformer.h.1.mamba.out_proj"] and not decisions["transformer.h.1.mamba.in_proj"]
+    assert not decisions["transformer.h.1.mamba.conv1d"] and decisions["transformer.h.0.attn.c_q"]
+    assert sorted(n for n, v in decisions.items() if v) == sorted(
+        [f"transformer.h.0.attn.{k}" for k in ("c_q", "c_k", "c_v", "c_proj")]
+        + [f"transformer.h.{i}.mlp.{k}" for i in (0, 1) for k in ("c_fc", "c_proj")]
+        + ["transformer.h.1.mamba.out_proj", "lm_head"])
