@@ -47,6 +47,8 @@ MOE32 = ["--use-moe", "--n-experts", "32", "--expert-topk", "2"] + SWITCH
 FINE64 = ["--use-moe", "--n-experts", "64", "--expert-topk", "8"] + SWITCH  # width 4/8 = d/2
 MOE8_AF = ["--use-moe", "--n-experts", "8", "--expert-topk", "2"] + AUXFREE
 MOE32_AF = ["--use-moe", "--n-experts", "32", "--expert-topk", "2"] + AUXFREE
+HYBRID = ["--layer-pattern", "AM", "--mamba-expand", "2", "--mamba-head-dim", "32", "--mamba-d-state", "32",
+          "--mamba-chunk", "64", "--mamba-d-conv", "4"]
 
 
 def flops_tag(f):
@@ -106,6 +108,11 @@ def runs():
     add("s_moe8_af_mod0.125", SMALL, MOE8_AF + ["--mod-capacity", "0.125", "--mod-freq", "2"], 1e13, seed=43)
     # the larger shape routes 2 of its 4 blocks (the small one only 1 of 2)
     add("l_dense_mod0.125", LARGE, ["--mod-capacity", "0.125", "--mod-freq", "2"], 5.5e13)
+    # control: MoD at 12.5% costs about one block per token; so does a depth-1 dense model
+    add("s_d1_dense", ["--depth", "1", "--n-embd", "64", "--eval-every", "200"], [], 1e13)
+    # issue 15: hybrids, attention then Mamba-2 (inner 128 in 4 heads of 32, state 32, chunk 64)
+    add("s_dense_hybAM", SMALL, HYBRID, 1e13)
+    add("s_moe8_af_hybAM", SMALL, MOE8_AF + HYBRID, 1e13)
     return out
 
 
