@@ -178,10 +178,14 @@ def run(module, args, base_dir, check=True):
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """A dense and an MoE checkpoint, a few steps each (a few seconds)."""
+    """A dense and an MoE checkpoint, and two of depth 2, attention-only and hybrid (attention +
+    Mamba), a few steps each (a few seconds)."""
     d = tmp_path_factory.mktemp("engine_base")
     run("scripts.base_train", TINY + ["--model-tag", "dense"], d)
     run("scripts.base_train", TINY + ["--use-moe", "--n-experts", "4", "--model-tag", "moe"], d)
+    run("scripts.base_train", TINY + ["--depth", "2", "--model-tag", "attn2"], d)
+    run("scripts.base_train", TINY + ["--depth", "2", "--layer-pattern", "AM", "--mamba-head-dim", "32", "--mamba-d-state",
+                                      "16", "--model-tag", "hybrid"], d)
     return d
 
 
@@ -245,3 +249,17 @@ def test_bench_infer_cli(base_dir):
     assert moe["params_total"] > moe["params_active"] and dense["params_total"] == dense["params_active"]
     bad = run("scripts.bench_infer", ["--model-tags", "dense", "--batch-sizes", "1,x"], base_dir, check=False)
     assert bad.returncode == 2 and "--batch-sizes" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_infer_over_context_lengths_attention_vs_hybrid(base_dir):
+    """The hybrid's cache grows with its attention layers only: 1 of 2 here, so from prompt 4 to
+    prompt 20 it grows exactly half as much as the attention-only model's; its Mamba state is
+    a constant."""
+    p = run("scripts.bench_infer", ["--model-tags", "attn2", "hybrid", "--batch-sizes", "1", "--gen-tokens", "4",
+                                    "--prompt-len", "4,20", "--repeats", "1"], base_dir)
+    rows = {(r["model"], r["prompt_len"]): r for r in json.loads(p.stdout.strip().splitlines()[-1])["rows"]}
+    assert sorted(rows) == [("attn2", 4), ("attn2", 20), ("hybrid", 4), ("hybrid", 20)]
+    grow = lambda m: rows[(m, 20)]["kv_cache_mib"] - rows[(m, 4)]["kv_cache_mib"]
+    assert grow("attn2") == pytest.approx(2 * grow("hybrid"), rel=1e-9) and grow("hybrid") > 0
+    assert rows[("hybrid", 4)]["mamba_layers"] == 1 and rows[("attn2", 4)]["mamba_layers"] == 0
+    assert any(line.startswith("| model") and "| prompt" in line for line in p.stdout.splitlines())
