@@ -441,7 +441,8 @@ def test_mod_trains_logs_per_block_and_evaluates_both_rules(base_dir):
 def test_hybrid_moe_trains_and_resumes_exactly(base_dir):
     tag = "hybrid"
     hybrid = ["--layer-pattern", "AM", "--mamba-d-state", "16", "--mamba-head-dim", "64", "--mamba-chunk", "16"]
-    args = TINY + MOE + hybrid + ["--num-iterations", "4", "--eval-every", "-1", "--save-every", "2", "--model-tag", tag]
+    common = TINY + MOE + hybrid + ["--num-iterations", "4", "--eval-every", "-1", "--save-every", "2"]
+    args = common + ["--model-tag", tag]
     p = run_train(base_dir, args)
     assert "Mamba layers: 1 (pattern 'AM'" in p.stdout
     full = read_metrics(base_dir, tag)
@@ -455,6 +456,10 @@ def test_hybrid_moe_trains_and_resumes_exactly(base_dir):
     assert of_type(resumed, "train")[-1]["train_loss"] < of_type(resumed, "train")[0]["train_loss"]
     resumed_weights = load_file(str(ckpts / "step_000004" / "model.safetensors"))
     assert all(torch.equal(full_weights[k], resumed_weights[k]) for k in full_weights)
+    # under torchrun (2 processes, gloo): the same steps as one process with twice the accumulation
+    run_train(base_dir, common + ["--model-tag", "hybrid_ddp"], nproc=2)
+    two = of_type(read_metrics(base_dir, "hybrid_ddp"), "train")
+    assert all(abs(a["train_loss"] - b["train_loss"]) < 1e-5 for a, b in zip(of_type(full, "train"), two)) and len(two) == 4
     for bad, message in ((["--layer-pattern", "AX"], "--layer-pattern must be letters A"),
                          (["--layer-pattern", "M", "--mamba-head-dim", "48"], "--mamba-head-dim 48 must divide"),
                          (["--layer-pattern", "AM", "--mod-capacity", "0.5"], "--mod-capacity with Mamba layers")):
