@@ -98,3 +98,18 @@ def test_plans_mod_against_the_plain_models_at_a_flops_budget():
     assert int(t1.replace(",", "")) == round(1e13 / mod) and int(t0.replace(",", "")) == round(1e13 / plain)
     flags = [l for l in r.stdout.splitlines() if l.startswith(("  dense:", "  moe:"))]
     assert len(flags) == 2 and all("--mod-capacity 0.125 --mod-freq 2" in l for l in flags)
+
+
+def test_plans_a_hybrid_against_the_attention_only_model():
+    r = subprocess.run([sys.executable, "-m", "scripts.iso_flops", "--depth", "4", "--n-embd", "64", "--head-dim", "32",
+                        "--vocab-size", "1024", "--max-seq-len", "256", "--layer-pattern", "AM", "--mamba-head-dim", "32",
+                        "--mamba-d-state", "32"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    common = dict(sequence_len=256, vocab_size=1024, n_layer=4, n_head=2, n_kv_head=2, n_embd=64)
+    attn = flops(GPTConfig(**common))
+    hybrid = flops(GPTConfig(**common, layer_pattern="AM", mamba_head_dim=32, mamba_d_state=32))
+    line = next(l for l in r.stdout.splitlines() if l.strip().startswith("dense") and "->" in l)
+    f0, f1 = re.search(r"FLOPs/token ([0-9.e+]+) -> ([0-9.e+]+)", line).groups()
+    assert float(f0) == pytest.approx(attn, rel=1e-4) and float(f1) == pytest.approx(hybrid, rel=1e-4) and hybrid != attn
+    flags = [l for l in r.stdout.splitlines() if l.startswith(("  dense:", "  moe:"))]
+    assert all("--layer-pattern AM --mamba-d-state 32 --mamba-expand 2 --mamba-head-dim 32" in l for l in flags)
