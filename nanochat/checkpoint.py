@@ -10,7 +10,9 @@ Layout: <run>/checkpoints/step_000123/  (and best/, the lowest val bpb so far)
 Every file is written to `name.tmp`, fsynced and renamed; a checkpoint counts as complete
 only once meta.json exists, so a crash mid-save leaves the previous checkpoint the latest.
 Optimizer states are identical on every rank (gradients are all-reduced before the
-update), so rank 0 saves them once.
+update), so rank 0 saves them once, in optim.pt; with a sharded optimizer (--shard-optimizer)
+each rank holds its own part and saves optim_rank{r}.pt, and a resume must use the same
+number of processes (the split is by rank).
 """
 
 import json
@@ -53,9 +55,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, meta, name=None, keep=0):
+def has_optimizer_state(d):
+    return os.path.exists(os.path.join(d, "optim.pt")) or os.path.exists(os.path.join(d, "optim_rank0.pt"))
+
+
+def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, meta, name=None, keep=0, sharded=False):
     """Save a complete checkpoint as <ckpt_dir>/<name> (default step_XXXXXX). With keep > 0,
-    afterwards delete all but the newest `keep` complete step_ checkpoints (best/ is kept)."""
+    afterwards delete all but the newest `keep` complete step_ checkpoints (best/ is kept).
+    sharded: every rank saves its own optimizer state (optim_rank{r}.pt)."""
     d = os.path.join(ckpt_dir, name) if name else _step_dir(ckpt_dir, step)
     if rank == 0 and os.path.exists(os.path.join(d, "meta.json")):
         os.remove(os.path.join(d, "meta.json"))  # overwriting (best/): incomplete until the new meta lands
@@ -64,7 +71,9 @@ def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, 
     os.makedirs(d, exist_ok=True)
     if rank == 0:
         _write_weights(d, model)
-        atomic_write(os.path.join(d, "optim.pt"), lambda tmp: torch.save([o.state_dict() for o in optimizers], tmp))
+    if rank == 0 or sharded:
+        optim_name = f"optim_rank{rank}.pt" if sharded else "optim.pt"
+        atomic_write(os.path.join(d, optim_name), lambda tmp: torch.save([o.state_dict() for o in optimizers], tmp))
     atomic_write_json(os.path.join(d, f"loader_rank{rank}.json"), loader_state)
     atomic_write_json(os.path.join(d, f"rng_rank{rank}.json"), rng_state())
     if ddp:
@@ -75,7 +84,7 @@ def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, 
         if keep > 0:
             # a checkpoint without optimizer state is a grown model's step 0 (scripts/grow.py):
             # the phase's starting point, kept like best/
-            trained = [s for s in complete_steps(ckpt_dir) if os.path.exists(os.path.join(_step_dir(ckpt_dir, s), "optim.pt"))]
+            trained = [s for s in complete_steps(ckpt_dir) if has_optimizer_state(_step_dir(ckpt_dir, s))]
             for old in trained[:-keep]:
                 shutil.rmtree(_step_dir(ckpt_dir, old), ignore_errors=True)
 
@@ -137,7 +146,7 @@ def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device):
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{meta_path}: corrupted checkpoint metadata ({e})")
-    if optimizers is not None and not os.path.exists(os.path.join(d, "optim.pt")):
+    if optimizers is not None and not has_optimizer_state(d):
         raise UserError(f"{d} has no optimizer state (a grown model's step 0?): start a run from it with "
                         f"base_train --init-from, not --resume-from-step")
     path = os.path.join(d, "model.safetensors")
@@ -151,13 +160,20 @@ def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device):
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
         raise UserError(f"{path}: does not fit this model (saved with other model flags?): {detail[:300]}")
     if optimizers is not None:
-        path = os.path.join(d, "optim.pt")
+        sharded = os.path.exists(os.path.join(d, "optim_rank0.pt"))
+        path = os.path.join(d, f"optim_rank{rank}.pt" if sharded else "optim.pt")
+        if not os.path.exists(path):
+            raise UserError(f"{path} is missing: resume with as many processes as the run that saved this checkpoint")
         try:
             states = torch.load(path, map_location=device, weights_only=True)
         except Exception as e:  # pickle errors come in many types; all mean "not a safe, complete file"
             raise UserError(f"{path}: cannot read optimizer state safely ({type(e).__name__}: {str(e).splitlines()[0]})")
-        for opt, s in zip(optimizers, states):
-            opt.load_state_dict(s)
+        try:
+            for opt, s in zip(optimizers, states):
+                opt.load_state_dict(s)
+        except ValueError as e:  # parameter groups of another size: saved with(out) a sharded optimizer
+            raise UserError(f"{path}: does not fit this run's optimizer ({str(e).splitlines()[0]}); resume with the "
+                            f"--shard-optimizer setting and the number of processes that saved it")
     if optimizers is None:  # weights only (generation, benchmarks)
         return meta
     path = os.path.join(d, f"loader_rank{rank}.json")

@@ -73,8 +73,10 @@ class Muon(torch.optim.Optimizer):
 
 
 def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, router_lr=0.004,
-                     scalar_lr=0.004, weight_decay=0.0, adam_betas=(0.8, 0.95), device_type="cpu"):
+                     scalar_lr=0.004, weight_decay=0.0, adam_betas=(0.8, 0.95), device_type="cpu", owners=None, rank=0):
     """Return [adamw, muon]; each param group remembers its base lr in 'initial_lr'.
+    owners (shard_owners): a sharded optimizer; this rank's optimizers hold only the
+    parameters it owns (the groups keep their lrs; a group may be empty on a rank).
 
     - Muon: every matrix inside the blocks (attention, dense MLP, experts), MTP heads' blocks included.
     - AdamW: token embedding and lm_head (lookups/classifier, not hidden transforms), with
@@ -89,6 +91,7 @@ def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr
     """
     d_model = model.config.n_embd
     lr_scale = (d_model / 768) ** -0.5
+    mine = (lambda p: True) if owners is None else (lambda p: owners[p] == rank)
     router_params, mamba_params, matrix_params = [], [], []
     for name, p in [*model.transformer.h.named_parameters(), *model.mtp.named_parameters()]:
         if ".router." in name or ".mod." in name:
@@ -107,15 +110,71 @@ def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr
         adam_groups.append(dict(params=mamba_params, lr=scalar_lr))
     n_assigned = sum(len(g["params"]) for g in adam_groups) + len(matrix_params)
     assert n_assigned == len(list(model.parameters())), "a parameter was left without an optimizer"
+    n_matrices = len(matrix_params)
+    for g in adam_groups:
+        g["params"] = [p for p in g["params"] if mine(p)]
+    matrix_params = [p for p in matrix_params if mine(p)]
+    n_mine = sum(len(g["params"]) for g in adam_groups) + len(matrix_params)
     adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay,
                               fused=(device_type == "cuda"))
-    muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
+    muon = Muon([dict(params=matrix_params)], lr=matrix_lr, momentum=0.95)
     for opt in (adamw, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     print0(f"Optimizers: AdamW (embedding, lm_head, {len(router_params)} router tensors"
-           + (f", {len(mamba_params)} Mamba scalars/convs" if mamba_params else "") + f"), Muon ({len(matrix_params)} matrices)")
+           + (f", {len(mamba_params)} Mamba scalars/convs" if mamba_params else "") + f"), Muon ({n_matrices} matrices)"
+           + (f"; states sharded over {max(owners.values()) + 1} ranks (rank {rank}: {n_mine} of {n_assigned} tensors)"
+              if owners else ""))
     return [adamw, muon]
+
+
+def shard_owners(model, world_size):
+    """A sharded optimizer (ZeRO-1, Rajbhandari et al. 2020): the rank that keeps each
+    parameter's optimizer state and updates it. Whole tensors, since Muon orthogonalises whole
+    matrices; balanced by size, largest first to the least-loaded rank. Deterministic (sorted
+    is stable: ties keep model order), so every rank computes the same map."""
+    loads, owners = [0] * world_size, {}
+    for p in sorted(model.parameters(), key=lambda p: -p.numel()):
+        r = loads.index(min(loads))
+        owners[p] = r
+        loads[r] += p.numel()
+    return owners
+
+
+def reduce_grads_to_owners(model, owners, rank, world_size):
+    """Sharded optimizer, after gradient accumulation: each gradient is summed onto its owner
+    (a reduce-scatter at tensor granularity) and averaged there; other ranks' copies are
+    scratch from here on (gloo may use them as buffers)."""
+    work = [(dist.reduce(p.grad, dst=owners[p], op=dist.ReduceOp.SUM, async_op=True), p)
+            for p in model.parameters() if p.grad is not None]
+    for handle, p in work:
+        handle.wait()
+        if owners[p] == rank:
+            p.grad.div_(world_size)
+
+
+def broadcast_from_owners(model, owners):
+    """Sharded optimizer, after the update: every parameter from the rank that updated it (the
+    all-gather), so all ranks hold the same weights for the next forward."""
+    for handle in [dist.broadcast(p.data, src=owners[p], async_op=True) for p in model.parameters()]:
+        handle.wait()
+
+
+def optimizer_state_bytes(optimizers):
+    """Bytes of optimizer state (momenta, Adam moments) this rank holds."""
+    return sum(t.numel() * t.element_size() for opt in optimizers for state in opt.state.values()
+               for t in state.values() if torch.is_tensor(t))
+
+
+def optimizer_state_mib_per_rank(optimizers, world_size, device):
+    """[MiB of optimizer state on rank r for r in ranks] (a collective under torchrun)."""
+    mine = torch.tensor([float(optimizer_state_bytes(optimizers))], device=device)
+    every = [torch.zeros_like(mine) for _ in range(world_size)]
+    if world_size > 1:
+        dist.all_gather(every, mine)
+    else:
+        every = [mine]
+    return [round(t.item() / 2**20, 3) for t in every]
 
 
 def all_reduce_grads(model, world_size):

@@ -86,6 +86,9 @@ def build_parser():
     p.add_argument("--device-type", default="", help="cpu | cuda | mps (empty = autodetect)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the model (auto = on for CUDA)")
     p.add_argument("--fp8", action="store_true", help="FP8 training of the dense linears (torchao; needs an H100-class GPU)")
+    p.add_argument("--shard-optimizer", default="auto", choices=["auto", "off"],
+                   help="under torchrun, each rank keeps the optimizer state of its share of the parameters (ZeRO-1); "
+                        "auto = on with more than one process")
     return p
 
 
@@ -255,7 +258,8 @@ def main(argv=None):
 def train(args, device_type, device, ddp, rank, world_size, init=None):
     """init: resolve_init_from's dict for --init-from (weights, config, tokenizer, data position)."""
     from nanochat.gpt import build_model, describe_params
-    from nanochat.optim import setup_optimizers, all_reduce_grads
+    from nanochat.optim import (setup_optimizers, all_reduce_grads, shard_owners, reduce_grads_to_owners,
+                                broadcast_from_owners, optimizer_state_mib_per_rank)
     from nanochat.tokenizer import get_tokenizer, load_token_bytes
     from nanochat.dataloader import data_loader
     from nanochat.dataset import list_shards, split_shards, read_entropy_floor
@@ -326,10 +330,12 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     if entropy_floor is not None:
         print0(f"Entropy floor of the validation data: {entropy_floor:.4f} bits/byte (irreducible)")
 
+    sharded = world_size > 1 and args.shard_optimizer != "off"
+    owners = shard_owners(model, world_size) if sharded else None
     adamw, muon = optimizers = setup_optimizers(model, unembedding_lr=args.unembedding_lr,
                                                 embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
                                                 router_lr=args.router_lr, weight_decay=args.weight_decay,
-                                                device_type=device_type)
+                                                device_type=device_type, owners=owners, rank=rank)
     n_moe_layers = max(1, model.num_moe_layers())
     n_mod = len(model.mod_layers())
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
@@ -393,7 +399,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                     smooth_loss=state.smooth_loss, flops=state.flops, init_flops=init_flops, num_iterations=num_iterations,
                     tokenizer_dir=tokenizer_dir, data_dir=data_dir, commit=git_commit())
         save_checkpoint(ckpt_dir, state.step, model, optimizers, rank, ddp, loader_state=state.loader_state,
-                        meta=meta, name=name, keep=args.keep_checkpoints)
+                        meta=meta, name=name, keep=args.keep_checkpoints, sharded=sharded)
 
     eval_steps = max(1, args.eval_tokens // (B * T * world_size))
     sample_prompts = [d[:48].rsplit(" ", 1)[0] for d in _first_documents(val_shards[0], 3)]  # whole words
@@ -449,7 +455,10 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                                    aux["mod_stats"].detach().flatten()])
             state.loader_state = next_loader_state
             x, y, next_loader_state = next(train_batches)
-        all_reduce_grads(model, world_size)
+        if sharded:  # each gradient summed onto the rank that owns its optimizer state
+            reduce_grads_to_owners(model, owners, rank, world_size)
+        else:
+            all_reduce_grads(model, world_size)
         lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -461,6 +470,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         expert_loads = collect_step_loads(model, world_size)
         adamw.step()
         muon.step(active_experts=active_expert_masks(model, expert_loads))
+        if sharded:  # every rank gets the parameters their owners just updated
+            broadcast_from_owners(model, owners)
         model.zero_grad(set_to_none=True)
         if config.aux_free_bias > 0:  # the model's own rate: 0 for a dense model whatever the flag says
             update_expert_bias(model, config.aux_free_bias, expert_loads)
@@ -526,11 +537,13 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     times = state.step_times
     avg_tok_s = tokens_per_step / (sum(times) / len(times)) if times else float("nan")
     epochs = (state.loader_state or {}).get("epochs", 0.0)
+    optim_mib = optimizer_state_mib_per_rank(optimizers, world_size, device)
     summary = dict(type="summary", step=state.step, flops=state.flops, tokens=state.step * tokens_per_step,
-                   final_val_bpb=state.val_bpb, final_val_bpb_topk=finite_or_none(state.val_bpb_topk), min_val_bpb=state.min_val_bpb, entropy_floor=entropy_floor,
+                   final_val_bpb=state.val_bpb, final_val_bpb_topk=finite_or_none(state.val_bpb_topk),
+                   min_val_bpb=state.min_val_bpb, entropy_floor=entropy_floor,
                    total=params["total"], active_total=params["active_total"], flops_per_token=flops_per_token,
                    tok_per_sec=avg_tok_s, wall_time=wall, peak_memory_mb=peak_memory_mb(device_type),
-                   epochs=round(epochs, 4))
+                   optimizer_state_mib_per_rank=optim_mib, sharded_optimizer=sharded, epochs=round(epochs, 4))
     metrics.write(summary)
     metrics.close()
     wandb_run.finish()
@@ -542,7 +555,9 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
             *([("val bpb, top-k MoD routing (not causal)", f"{state.val_bpb_topk:.4f}")] if n_mod else []),
             ("entropy floor", f"{entropy_floor:.4f}" if entropy_floor is not None else "n/a"),
             ("tok/s (mean step)", f"{avg_tok_s:,.0f}"), ("wall time", f"{wall:.1f}s"),
-            ("peak memory", f"{summary['peak_memory_mb']:.0f} MiB"), ("run folder", run_dir)]
+            ("peak memory", f"{summary['peak_memory_mb']:.0f} MiB"),
+            ("optimizer state per rank" + (" (sharded)" if sharded else ""), " / ".join(f"{m:.2f}" for m in optim_mib) + " MiB"),
+            ("run folder", run_dir)]
     if use_compile and state.step > start_step:
         # graphs compiled after the first step = recompiles (routing changes must not cause any)
         later = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_after_warmup

@@ -219,6 +219,32 @@ def test_tiny_model_learns_and_metrics_are_consistent(base_dir, kind):
 # 3. Two processes (torchrun, gloo) reproduce one process with twice the gradient accumulation
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_sharded_optimizer_with_2_and_4_processes_matches_one_process(base_dir):
+    """ZeRO-1 (the default under torchrun): each rank updates only the parameters it owns and
+    keeps only their optimizer state; 10 steps at one global batch (1 process x 4 micro-batches,
+    2 x 2, 4 x 1) give the same losses (1e-5 relative), and the state per rank shrinks ~1/N."""
+    args = TINY + MOE + ["--total-batch-size", "1024", "--num-iterations", "10", "--eval-every", "-1"]
+    runs = {}
+    for n in (1, 2, 4):
+        p = run_train(base_dir, args + ["--model-tag", f"zero{n}"], nproc=n)
+        assert f"grad accum {4 // n} x {n} process(es)" in p.stdout
+        runs[n] = read_metrics(base_dir, f"zero{n}")
+    one = [r["train_loss"] for r in of_type(runs[1], "train")]
+    for n in (2, 4):
+        other = [r["train_loss"] for r in of_type(runs[n], "train")]
+        assert len(other) == 10 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(one, other)), (n, one, other)
+    total = of_type(runs[1], "summary")[0]["optimizer_state_mib_per_rank"][0]
+    for n in (2, 4):
+        summary = of_type(runs[n], "summary")[0]
+        per_rank = summary["optimizer_state_mib_per_rank"]
+        assert summary["sharded_optimizer"] and len(per_rank) == n
+        assert sum(per_rank) == pytest.approx(total, rel=1e-3)  # nothing kept twice
+        assert max(per_rank) < 1.5 * total / n  # balanced: whole tensors, so not exactly 1/n
+    ckpt = base_dir / "runs" / "zero4" / "checkpoints" / "step_000010"
+    assert sorted(f.name for f in ckpt.glob("optim*.pt")) == [f"optim_rank{r}.pt" for r in range(4)]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 def test_two_processes_match_one_process(base_dir):
     args = TINY + MOE + ["--num-iterations", "6", "--eval-every", "3"]
     run_train(base_dir, args + ["--model-tag", "ddp_one"])

@@ -184,3 +184,27 @@ def test_idle_on_one_rank_but_used_on_another_is_moved_on_both(tmp_path):
         assert torch.equal(a, b)
     # w_proj moved (at init w_proj = 0, so w_fc has no gradient on this first step)
     assert all(not torch.equal(a, w0) for a, w0 in zip(r0["w"][1::2], before[1::2]))
+
+
+def test_shard_owners_whole_tensors_balanced_and_deterministic():
+    from nanochat.optim import shard_owners
+    model = build_model(GPTConfig(sequence_len=16, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                                  use_moe=True, n_experts=4, expert_topk=2, expert_hidden_mult=2), "cpu")
+    params = list(model.parameters())
+    for world in (2, 3, 4):
+        owners = shard_owners(model, world)
+        assert set(owners) == set(params) and set(owners.values()) == set(range(world))
+        again = shard_owners(model, world)
+        assert [owners[p] for p in params] == [again[p] for p in params]  # every rank computes the same map
+        loads = [sum(p.numel() for p in params if owners[p] == r) for r in range(world)]
+        # greedy largest-first: no rank exceeds the mean by more than the largest tensor
+        assert max(loads) - sum(loads) / world <= max(p.numel() for p in params)
+    # each rank's optimizers hold exactly its own parameters, all of them between the ranks
+    owners = shard_owners(model, 2)
+    held = []
+    for rank in (0, 1):
+        opts = setup_optimizers(model, owners=owners, rank=rank)
+        mine = [p for o in opts for g in o.param_groups for p in g["params"]]
+        assert all(owners[p] == rank for p in mine)
+        held += mine
+    assert sorted(map(id, held)) == sorted(map(id, params))
