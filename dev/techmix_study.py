@@ -113,6 +113,8 @@ def runs():
     # issue 15: hybrids, attention then Mamba-2 (inner 128 in 4 heads of 32, state 32, chunk 64)
     add("s_dense_hybAM", SMALL, HYBRID, 1e13)
     add("s_moe8_af_hybAM", SMALL, MOE8_AF + HYBRID, 1e13)
+    # the larger shape's MoD control: depth 2 at width 128 costs about what MoD's 4 blocks do
+    add("l_d2_dense", ["--depth", "2", "--n-embd", "128", "--eval-every", "200"], [], 5.5e13)
     add("s_dense_hybAM", SMALL, HYBRID, 1e13, seed=43)
     add("s_moe8_af_hybAM", SMALL, MOE8_AF + HYBRID, 1e13, seed=43)
     return out
