@@ -245,6 +245,30 @@ def test_sharded_optimizer_with_2_and_4_processes_matches_one_process(base_dir):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_two_torchrun_nodes_on_loopback_train_like_one_process(base_dir):
+    """Multi-node as the README shows it (one torchrun per node, c10d rendezvous), here two
+    'nodes' on 127.0.0.1 with one process each: they meet, train a tiny MoE, and take the steps
+    of one process with twice the gradient accumulation."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = TINY + MOE + ["--num-iterations", "4", "--eval-every", "-1", "--model-tag", "two_nodes"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={r}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                               "--rdzv_id=loopback", "-m", "scripts.base_train", *args],
+                              cwd=REPO, env=train_env(base_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outputs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outputs
+    run_train(base_dir, TINY + MOE + ["--num-iterations", "4", "--eval-every", "-1", "--model-tag", "one_node"])
+    two, one = read_metrics(base_dir, "two_nodes"), read_metrics(base_dir, "one_node")
+    assert two[0]["world_size"] == 2
+    pairs = list(zip(of_type(one, "train"), of_type(two, "train")))
+    assert len(pairs) == 4 and all(abs(a["train_loss"] - b["train_loss"]) < 1e-5 for a, b in pairs)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 def test_two_processes_match_one_process(base_dir):
     args = TINY + MOE + ["--num-iterations", "6", "--eval-every", "3"]
     run_train(base_dir, args + ["--model-tag", "ddp_one"])
