@@ -59,10 +59,12 @@ def has_optimizer_state(d):
     return os.path.exists(os.path.join(d, "optim.pt")) or os.path.exists(os.path.join(d, "optim_rank0.pt"))
 
 
-def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, meta, name=None, keep=0, sharded=False):
+def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, meta, name=None, keep=0, sharded=False,
+                    weights=None):
     """Save a complete checkpoint as <ckpt_dir>/<name> (default step_XXXXXX). With keep > 0,
     afterwards delete all but the newest `keep` complete step_ checkpoints (best/ is kept).
-    sharded: every rank saves its own optimizer state (optim_rank{r}.pt)."""
+    sharded: every rank saves its own optimizer state (optim_rank{r}.pt). weights: the state
+    dict to save instead of model.state_dict() (expert parallelism: the gathered experts)."""
     d = os.path.join(ckpt_dir, name) if name else _step_dir(ckpt_dir, step)
     if rank == 0 and os.path.exists(os.path.join(d, "meta.json")):
         os.remove(os.path.join(d, "meta.json"))  # overwriting (best/): incomplete until the new meta lands
@@ -70,7 +72,7 @@ def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, 
         dist.barrier()
     os.makedirs(d, exist_ok=True)
     if rank == 0:
-        _write_weights(d, model)
+        _write_weights(d, model, weights)
     if rank == 0 or sharded:
         optim_name = f"optim_rank{rank}.pt" if sharded else "optim.pt"
         atomic_write(os.path.join(d, optim_name), lambda tmp: torch.save([o.state_dict() for o in optimizers], tmp))
@@ -89,8 +91,8 @@ def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, 
                 shutil.rmtree(_step_dir(ckpt_dir, old), ignore_errors=True)
 
 
-def _write_weights(d, model):
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+def _write_weights(d, model, weights=None):
+    state = {k: v.detach().contiguous() for k, v in (weights if weights is not None else model.state_dict()).items()}
     atomic_write(os.path.join(d, "model.safetensors"), lambda tmp: save_file(state, tmp))
 
 
@@ -133,10 +135,11 @@ def find_latest_step(ckpt_dir):
     return max(steps)
 
 
-def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device):
+def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device, transform=None):
     """Load weights (and optimizer states when `optimizers` is given) into place; return meta
     with this rank's loader state under 'loader_state' (and RNG states under 'rng_state').
-    `step` is a step number or a checkpoint name such as 'best'."""
+    `step` is a step number or a checkpoint name such as 'best'. transform: applied to the saved
+    state dict before loading (expert parallelism: each rank's block of the experts)."""
     d = os.path.join(ckpt_dir, step) if isinstance(step, str) else _step_dir(ckpt_dir, step)
     meta_path = os.path.join(d, "meta.json")
     if not os.path.exists(meta_path):
@@ -154,6 +157,8 @@ def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device):
         state = load_file(path, device=str(device))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: cannot read checkpoint weights ({e})")
+    if transform is not None:
+        state = transform(state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # names or shapes differ: saved with other model flags

@@ -263,6 +263,9 @@ class MoE(nn.Module):
         # that another implementation can take over (nanochat.fp8.convert_to_fp8 puts the FP8
         # grouped GEMM here), so this module needs to know nothing about it.
         self.expert_mlp = expert_mlp
+        # Expert parallelism (nanochat/expert_parallel.py): the block of global experts this
+        # rank holds, or None (all of them)
+        self.local_experts = None
         # Training-time accumulators, read and reset by the trainer (no host sync in forward):
         # assignments per expert since the last optimizer step (always kept: the optimizer
         # must know which experts got no token, and the aux-free bias reads it too), and stats
@@ -380,6 +383,8 @@ def active_expert_masks(model, loads):
     masks = {}
     for m, load in zip(moe_layers(model), loads):
         active = load > 0
+        if m.local_experts is not None:  # expert parallelism: this rank's block of experts
+            active = active[m.local_experts]
         masks[m.w_fc] = active
         masks[m.w_proj] = active
     return masks

@@ -91,7 +91,7 @@ def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr
     """
     d_model = model.config.n_embd
     lr_scale = (d_model / 768) ** -0.5
-    mine = (lambda p: True) if owners is None else (lambda p: owners[p] == rank)
+    mine = (lambda p: True) if owners is None else (lambda p: owners.get(p, rank) == rank)  # unlisted: local (EP experts)
     router_params, mamba_params, matrix_params = [], [], []
     for name, p in [*model.transformer.h.named_parameters(), *model.mtp.named_parameters()]:
         if ".router." in name or ".mod." in name:
@@ -128,13 +128,13 @@ def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr
     return [adamw, muon]
 
 
-def shard_owners(model, world_size):
+def shard_owners(model, world_size, params=None):
     """A sharded optimizer (ZeRO-1, Rajbhandari et al. 2020): the rank that keeps each
     parameter's optimizer state and updates it. Whole tensors, since Muon orthogonalises whole
     matrices; balanced by size, largest first to the least-loaded rank. Deterministic (sorted
     is stable: ties keep model order), so every rank computes the same map."""
     loads, owners = [0] * world_size, {}
-    for p in sorted(model.parameters(), key=lambda p: -p.numel()):
+    for p in sorted(params if params is not None else model.parameters(), key=lambda p: -p.numel()):
         r = loads.index(min(loads))
         owners[p] = r
         loads[r] += p.numel()
@@ -146,7 +146,7 @@ def reduce_grads_to_owners(model, owners, rank, world_size):
     (a reduce-scatter at tensor granularity) and averaged there; other ranks' copies are
     scratch from here on (gloo may use them as buffers)."""
     work = [(dist.reduce(p.grad, dst=owners[p], op=dist.ReduceOp.SUM, async_op=True), p)
-            for p in model.parameters() if p.grad is not None]
+            for p in model.parameters() if p.grad is not None and p in owners]
     for handle, p in work:
         handle.wait()
         if owners[p] == rank:
@@ -156,7 +156,7 @@ def reduce_grads_to_owners(model, owners, rank, world_size):
 def broadcast_from_owners(model, owners):
     """Sharded optimizer, after the update: every parameter from the rank that updated it (the
     all-gather), so all ranks hold the same weights for the next forward."""
-    for handle in [dist.broadcast(p.data, src=owners[p], async_op=True) for p in model.parameters()]:
+    for handle in [dist.broadcast(p.data, src=owners[p], async_op=True) for p in model.parameters() if p in owners]:
         handle.wait()
 
 
@@ -177,12 +177,13 @@ def optimizer_state_mib_per_rank(optimizers, world_size, device):
     return [round(t.item() / 2**20, 3) for t in every]
 
 
-def all_reduce_grads(model, world_size):
+def all_reduce_grads(model, world_size, params=None):
     """Average gradients over ranks once per optimizer step (after gradient accumulation).
-    gloo has no AVG op, so SUM then divide; all launched asynchronously, then awaited."""
+    gloo has no AVG op, so SUM then divide; all launched asynchronously, then awaited.
+    params: the replicated parameters (default all; expert parallelism leaves out the experts)."""
     if world_size == 1:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in (params if params is not None else model.parameters()) if p.grad is not None]
     handles = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
     for h, g in zip(handles, grads):
         h.wait()

@@ -86,6 +86,8 @@ def build_parser():
     p.add_argument("--device-type", default="", help="cpu | cuda | mps (empty = autodetect)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the model (auto = on for CUDA)")
     p.add_argument("--fp8", action="store_true", help="FP8 training of the dense linears (torchao; needs an H100-class GPU)")
+    p.add_argument("--expert-parallel", type=int, default=1,
+                   help="under torchrun: split each MoE layer's experts over groups of N ranks (all_to_all token exchange)")
     p.add_argument("--shard-optimizer", default="auto", choices=["auto", "off"],
                    help="under torchrun, each rank keeps the optimizer state of its share of the parameters (ZeRO-1); "
                         "auto = on with more than one process")
@@ -125,6 +127,13 @@ def validate_args(args, world_size):
         require(args.router_z_loss >= 0, f"--router-z-loss must be >= 0 (got {args.router_z_loss})")
         require(args.moe_stats_every >= 1, f"--moe-stats-every must be >= 1 (got {args.moe_stats_every})")
     require(args.mtp_weight >= 0, f"--mtp-weight must be >= 0 (got {args.mtp_weight})")
+    ep = args.expert_parallel
+    if ep != 1:
+        require(ep >= 1 and world_size % ep == 0, f"--expert-parallel {ep} must divide the number of processes {world_size}")
+        require(args.use_moe and args.n_experts % ep == 0, f"--expert-parallel {ep} needs --use-moe with --n-experts a multiple of it")
+        require(not args.capacity_factor, "--expert-parallel is dropless: drop --capacity-factor")
+        require(args.compile != "on" and not args.fp8,
+                "--expert-parallel runs eager (its split sizes are host data): drop --compile on / --fp8")
     require(args.device_batch_size >= 1, f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
     seq_len = model_shape(args)[5]
     tokens_per_fwdbwd = args.device_batch_size * seq_len * world_size
@@ -330,15 +339,23 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     if entropy_floor is not None:
         print0(f"Entropy floor of the validation data: {entropy_floor:.4f} bits/byte (irreducible)")
 
+    ep = args.expert_parallel
+    if ep > 1:  # each rank keeps its block of experts; the rest of the model is replicated
+        from nanochat.expert_parallel import ep_groups, enable_expert_parallel, sync_expert_grads, full_state_dict, local_experts_of
+        ep_group, replica_group = ep_groups(world_size, ep, rank)
+        expert_params = enable_expert_parallel(model, ep, rank % ep, ep_group)
+        print0(f"Expert parallelism: {ep} ranks per group, {config.n_experts // ep} experts per rank per MoE layer")
+    local = set(expert_params) if ep > 1 else set()
+    replicated = [p for p in model.parameters() if p not in local]
     sharded = world_size > 1 and args.shard_optimizer != "off"
-    owners = shard_owners(model, world_size) if sharded else None
+    owners = shard_owners(model, world_size, replicated) if sharded else None
     adamw, muon = optimizers = setup_optimizers(model, unembedding_lr=args.unembedding_lr,
                                                 embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
                                                 router_lr=args.router_lr, weight_decay=args.weight_decay,
                                                 device_type=device_type, owners=owners, rank=rank)
     n_moe_layers = max(1, model.num_moe_layers())
     n_mod = len(model.mod_layers())
-    use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
+    use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda" and ep == 1)
     # Fixed shapes, one graph: the MoE's tensors are sized by (tokens, k, experts) only; how many
     # tokens each expert got is data (grouped-GEMM offsets), never a shape. So dynamic=False (no
     # symbolic shapes to guard) and fullgraph=True (a graph break is an error, not a silent slow
@@ -358,7 +375,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         state.loader_state = loader_states[rank]  # continue the source's data stream: no token is seen twice
     if args.resume_from_step:
         step_to_load = find_latest_step(ckpt_dir) if args.resume_from_step == "latest" else int(args.resume_from_step)
-        meta = load_checkpoint(ckpt_dir, step_to_load, model, optimizers, rank, device)
+        meta = load_checkpoint(ckpt_dir, step_to_load, model, optimizers, rank, device,
+                               transform=local_experts_of(model) if ep > 1 else None)
         init_flops = meta.get("init_flops", init_flops)  # this run's own record, whatever --init-from resolves to now
         if "rng_state" in meta:
             set_rng_state(meta["rng_state"])
@@ -399,7 +417,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                     smooth_loss=state.smooth_loss, flops=state.flops, init_flops=init_flops, num_iterations=num_iterations,
                     tokenizer_dir=tokenizer_dir, data_dir=data_dir, commit=git_commit())
         save_checkpoint(ckpt_dir, state.step, model, optimizers, rank, ddp, loader_state=state.loader_state,
-                        meta=meta, name=name, keep=args.keep_checkpoints, sharded=sharded)
+                        meta=meta, name=name, keep=args.keep_checkpoints, sharded=sharded or ep > 1,
+                        weights=full_state_dict(model, ep, ep_group) if ep > 1 else None)
 
     eval_steps = max(1, args.eval_tokens // (B * T * world_size))
     sample_prompts = [d[:48].rsplit(" ", 1)[0] for d in _first_documents(val_shards[0], 3)]  # whole words
@@ -429,7 +448,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                 state.min_val_bpb = state.val_bpb
                 save(state, name="best")
             state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
-        if args.sample_every > 0 and master and (step % args.sample_every == 0 or last) and step > 0:
+        # (under expert parallelism one rank cannot run the model alone: no samples)
+        if args.sample_every > 0 and master and ep == 1 and (step % args.sample_every == 0 or last) and step > 0:
             print_samples(model, tokenizer, sample_prompts, autocast)
         if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
             save(state)
@@ -458,7 +478,9 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         if sharded:  # each gradient summed onto the rank that owns its optimizer state
             reduce_grads_to_owners(model, owners, rank, world_size)
         else:
-            all_reduce_grads(model, world_size)
+            all_reduce_grads(model, world_size, replicated)
+        if ep > 1:
+            sync_expert_grads(expert_params, replica_group, world_size)
         lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for opt in optimizers:
             for group in opt.param_groups:

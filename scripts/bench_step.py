@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast, as base_train on CUDA")
     p.add_argument("--device-type", default="", help="cpu | cuda (empty = autodetect)")
     p.add_argument("--compile", default="off", choices=["on", "off"])
+    p.add_argument("--fp8", action="store_true",
+                   help="convert every variant to FP8 training (torchao, as base_train --fp8; needs an H100-class GPU)")
     p.add_argument("--total-batch-size", type=int, default=524288,
                    help="tokens per optimizer step: the optimizer's time is spread over its micro-batches")
     args = p.parse_args(argv)
@@ -75,6 +77,9 @@ def parse_args(argv=None):
 def build_variant(name, flags, args, device):
     config = config_from_args(flags, args.vocab_size)
     model = build_model(config, device)
+    if args.fp8:  # before the optimizers and compile, as in base_train
+        from nanochat.fp8 import convert_to_fp8
+        convert_to_fp8(model)
     model.train()
     optimizers = setup_optimizers(model, device_type=device.type)
     fwd = torch.compile(model, dynamic=False, fullgraph=True) if args.compile == "on" else model
@@ -107,8 +112,12 @@ def main(argv=None):
     args = parse_args(argv)
     device_type = check_device_type(args.device_type)
     require(args.dtype == "fp32" or device_type == "cuda", "--dtype bf16 is for CUDA (CPU runs fp32, as base_train)")
+    if args.fp8:  # fail in one line before any model is built
+        from nanochat.fp8 import check_fp8_supported
+        check_fp8_supported(device_type)
     device = torch.device(device_type)
-    print0(f"bench_step: {device_type} ({torch.get_num_threads()} threads), {args.dtype}, compile {args.compile}, "
+    print0(f"bench_step: {device_type} ({torch.get_num_threads()} threads), {args.dtype}{' + fp8' if args.fp8 else ''}, "
+           f"compile {args.compile}, "
            f"{args.rows} rows per micro-batch, optimizer once per {args.total_batch_size:,} tokens; medians of "
            f"{args.repeats} round-robin repeats")
     cases = [build_variant(name, flags, args, device) for name, flags in args.variants]
@@ -161,7 +170,7 @@ def main(argv=None):
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print0("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    extra = dict(recompiles_after_warmup=recompiles if args.compile == "on" else None, repeats=args.repeats,
+    extra = dict(recompiles_after_warmup=recompiles if args.compile == "on" else None, repeats=args.repeats, fp8=args.fp8,
                  device=torch.cuda.get_device_name() if device_type == "cuda" else "cpu")
     if args.compile == "on":
         print0(f"graphs compiled after the warm-up (recompiles): {recompiles}")

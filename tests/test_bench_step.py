@@ -41,3 +41,10 @@ def test_variants_side_by_side_with_flops_of_the_built_models():
 def test_bad_variant_is_one_line(spec, message):
     r = bench(spec)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fp8_without_an_fp8_gpu_is_one_line():
+    r = subprocess.run([sys.executable, "-m", "scripts.bench_step", *COMMON, "--device-type", "cpu", "--fp8",
+                        "--variant", "dense:"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--fp8" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
