@@ -344,7 +344,9 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         from nanochat.expert_parallel import ep_groups, enable_expert_parallel, sync_expert_grads, full_state_dict, local_experts_of
         ep_group, replica_group = ep_groups(world_size, ep, rank)
         expert_params = enable_expert_parallel(model, ep, rank % ep, ep_group)
-        print0(f"Expert parallelism: {ep} ranks per group, {config.n_experts // ep} experts per rank per MoE layer")
+        n_local = sum(p.numel() for p in expert_params)
+        print0(f"Expert parallelism: {ep} ranks per group, {config.n_experts // ep} experts per rank per MoE layer "
+               f"({n_local:,} expert params here, 1/{ep} of {n_local * ep:,})")
     local = set(expert_params) if ep > 1 else set()
     replicated = [p for p in model.parameters() if p not in local]
     sharded = world_size > 1 and args.shard_optimizer != "off"

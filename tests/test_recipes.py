@@ -1,8 +1,11 @@
 """runs/*.sh: syntax, shellcheck when available, and dry runs that print the commands."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -63,13 +66,79 @@ def test_tmp_moe_dry_run_uses_torchrun_fp8_and_wandb():
     assert "--fp8" not in " ".join(dry_run("runs/tmp_moe.sh", FP8="0"))
 
 
-def test_gpu_check_dry_run_runs_cuda_tests_training_and_bench():
-    tests, dense, moe, bench, variants = dry_run("runs/gpu_check.sh", STEPS="10")
-    assert variants.startswith("python -m scripts.bench_step") and "--compile on" in variants
-    assert "mod:--mod-capacity 0.125" in variants and "mtp:--mtp-heads 1" in variants
-    assert dry_run("runs/gpu_check.sh", STAGES="variants") == [variants]
+GPU_CHECK_LIMIT = re.compile(r"timeout -k 10 (\d+) (.*)")
+
+
+def gpu_check_dry_run(**env):
+    """(limit in seconds, command) of each stage the dry run prints: every stage runs under timeout."""
+    out = []
+    for line in dry_run("runs/gpu_check.sh", **env):
+        m = GPU_CHECK_LIMIT.fullmatch(line)
+        assert m, line
+        out.append((int(m[1]), m[2]))
+    return out
+
+
+def test_gpu_check_dry_run_default_stages_in_order_with_limits():
+    stages = gpu_check_dry_run()
+    (lt, tests), (ls, step), (lf, step_fp8), (lv, variants), (lb, bench) = stages
     assert tests == "python -m pytest -q tests/test_cuda.py"
+    assert step.startswith("python -m scripts.bench_step --depth 12 --n-embd 768 --head-dim 128 --max-seq-len 1024 "
+                           "--vocab-size 32768")
+    assert "--dtype bf16 --device-type cuda --compile on" in step and step.endswith("--variant dense: --variant moe:--use-moe")
+    assert step_fp8 == step + " --fp8" and "--fp8" not in step
+    assert variants.startswith("python -m scripts.bench_step --depth 8") and "--compile on" in variants
+    assert "mod:--mod-capacity 0.125" in variants and "mtp:--mtp-heads 1" in variants
+    assert bench == "python -m scripts.bench_moe --step-only --dtype bf16 --device-type cuda --compile on --repeats 10"
+    assert all(10 <= lim <= 150 for lim, _ in stages)  # the whole run is also capped by TOTAL_LIMIT
+    assert "base_train" not in " ".join(c for _, c in stages)  # train needs a tokenizer: opt-in
+    # STAGES picks stages (in the script's order); <STAGE>_LIMIT overrides one stage's limit
+    assert gpu_check_dry_run(STAGES="bench_moe step", STEP_LIMIT="99") == [(99, step), (lb, bench)]
+    dense, moe = [c for _, c in gpu_check_dry_run(STAGES="train", STEPS="10")]
     for cmd in (dense, moe):
-        assert "--device-type cuda --compile on" in cmd and "--num-iterations 10" in cmd
+        assert cmd.startswith("python -m scripts.base_train") and "--device-type cuda --compile on" in cmd
+        assert "--num-iterations 10" in cmd
     assert "--use-moe" in moe and "--use-moe" not in dense
-    assert bench.startswith("python -m scripts.bench_moe --step-only --dtype bf16 --device-type cuda")
+
+
+TINY_STEP = "--depth 1 --n-embd 64 --head-dim 32 --max-seq-len 32 --vocab-size 256 --rows 2 --repeats 1 --warmup 1"
+
+
+def gpu_check(tmp_path, **env):
+    return subprocess.run(["bash", "runs/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "DEVICE": "cpu",
+                               "STEP_ARGS": TINY_STEP, **env})
+
+
+def test_gpu_check_stages_run_on_cpu_and_write_json_as_they_end(tmp_path):
+    r = gpu_check(tmp_path, STAGES="step step_fp8")
+    assert r.returncode == 0, r.stdout + r.stderr
+    step = json.loads((tmp_path / "step.json").read_text())
+    assert step["stage"] == "step" and step["status"] == "ok" and step["exit_code"] == 0 and step["seconds"] > 0
+    assert step["command"].startswith(sys.executable + " -m scripts.bench_step --depth 1")
+    assert list(step["result"]["variants"]) == ["dense", "moe"]  # the bench's JSON line, embedded
+    assert "moe" in (tmp_path / "step.log").read_text()
+    fp8 = json.loads((tmp_path / "step_fp8.json").read_text())  # no FP8 GPU here: skipped, not failed
+    assert fp8["status"] == "skipped" and fp8["exit_code"] is None and "--fp8" in fp8["reason"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["step", "step_fp8"] and summary["failed"] == []
+    assert summary["gpu"]["device"] == "cpu"
+    ratio = next(t for t in summary["targets"] if t["target"] == "MoE/dense step")
+    assert ratio["measured"] == step["result"]["variants"]["moe"]["time_ratio"] and ratio["verdict"] in ("PASS", "MISS")
+    assert "MoE/dense step" in r.stdout
+
+
+def test_gpu_check_records_a_timed_out_stage_and_exits_non_zero(tmp_path):
+    # 1 s for 1000 repeats (and importing torch): killed by timeout, exit 124; the script goes on
+    r = gpu_check(tmp_path, STAGES="step step_fp8", STEP_LIMIT="1", STEP_ARGS=TINY_STEP + " --repeats 1000")
+    assert r.returncode != 0
+    step = json.loads((tmp_path / "step.json").read_text())
+    assert step["status"] == "timeout" and step["exit_code"] == 124 and step["limit_s"] == 1 and step["result"] is None
+    assert json.loads((tmp_path / "step_fp8.json").read_text())["status"] == "skipped"
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == ["step"]
+    # no time left of TOTAL_LIMIT: the stage is not started, and recorded as timed out
+    r = gpu_check(tmp_path, STAGES="bench_moe", TOTAL_LIMIT="0")
+    assert r.returncode != 0
+    bench = json.loads((tmp_path / "bench_moe.json").read_text())
+    assert bench["status"] == "timeout" and bench["exit_code"] is None and "TOTAL_LIMIT" in bench["reason"]
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == ["bench_moe"]
