@@ -26,10 +26,16 @@ Host syncs (the split sizes) make this path eager-only: no torch.compile, no FP8
 capacity factor (all refused with a clear line by base_train).
 """
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.nn.functional import all_to_all_single
+
+# torch 2.13 calls the differentiable all_to_all_single deprecated in favour of a private module
+# (torch.distributed._functional_collectives); the public one works, so say it once, not per call
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_to_all_single is deprecated")
 
 from nanochat.moe import moe_layers, expert_mlp, group_sizes, inverse_permutation
 

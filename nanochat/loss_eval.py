@@ -15,15 +15,24 @@ import torch.distributed as dist
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, steps, token_bytes):
+def evaluate_bpb(model, batches, steps, token_bytes, lockstep=False):
     """Mean bits per byte over `steps` batches of (x, y, state) from `batches`, summed over
-    all ranks. token_bytes: (vocab,) int tensor on the model's device."""
+    all ranks. token_bytes: (vocab,) int tensor on the model's device. lockstep: every rank
+    stops as soon as one runs out of batches (expert parallelism: a forward is a collective,
+    and ranks' shares of the validation data may differ by a batch)."""
     total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
     for _ in range(steps):
         try:
             x, y, _ = next(batches)
         except StopIteration:
+            x = None
+        if lockstep:
+            have = torch.tensor([0 if x is None else 1], device=token_bytes.device)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if have.item() == 0:
+                break
+        if x is None:
             break
         loss, _ = model(x, y, loss_reduction="none")
         num_bytes = token_bytes[y]

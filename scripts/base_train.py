@@ -215,12 +215,12 @@ def get_muon_momentum(step):
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def evaluate(model, val_batches, eval_steps, token_bytes, autocast):
+def evaluate(model, val_batches, eval_steps, token_bytes, autocast, lockstep=False):
     """Val bits per byte over eval_steps batches, in eval mode (dropless MoE)."""
     from nanochat.loss_eval import evaluate_bpb
     model.eval()
     with autocast:
-        bpb = evaluate_bpb(model, val_batches, eval_steps, token_bytes)
+        bpb = evaluate_bpb(model, val_batches, eval_steps, token_bytes, lockstep)
     model.train()
     return bpb
 
@@ -434,14 +434,14 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         step = state.step
         last = step == num_iterations
         if args.eval_every > 0 and (step % args.eval_every == 0 or last) or (last and args.eval_every < 0):
-            state.val_bpb = evaluate(model, batches(val_shards, None, False), eval_steps, token_bytes, autocast)
+            state.val_bpb = evaluate(model, batches(val_shards, None, False), eval_steps, token_bytes, autocast, ep > 1)
             floor = f" | floor {entropy_floor:.4f} (+{state.val_bpb - entropy_floor:.4f})" if entropy_floor is not None else ""
             print0(f"step {step:05d} | val bpb {state.val_bpb:.4f}{floor}")
             record = dict(type="eval", step=step, flops=state.flops, tokens=step * tokens_per_step, val_bpb=state.val_bpb)
             if last and n_mod:  # what the causal rule costs: top-k routing on whole sequences (not causal)
                 model.set_mod_rule("topk")
                 record["val_bpb_topk"] = state.val_bpb_topk = evaluate(model, batches(val_shards, None, False), eval_steps,
-                                                                       token_bytes, autocast)
+                                                                       token_bytes, autocast, ep > 1)
                 model.set_mod_rule("auto")
                 print0(f"step {step:05d} | val bpb with top-k MoD routing (not causal, a diagnostic) {state.val_bpb_topk:.4f}")
             metrics.write(record)

@@ -74,3 +74,13 @@ def test_ep_resume_is_exact_and_bad_layouts_are_one_line(base_dir):
     p = run_train(base_dir, EP + ["--num-iterations", "1", "--expert-parallel", "2", "--capacity-factor", "1.25",
                                   "--model-tag", "x"], nproc=2, check=False)
     assert p.returncode != 0 and "--expert-parallel is dropless" in p.stderr
+
+
+def test_ep_evaluation_stops_together_when_a_rank_runs_out(base_dir):
+    """Asking for more validation batches than the val shard has: the ranks' shares differ by
+    a batch, and under EP a forward is a collective, so every rank must stop at the same step
+    (before the fix the rank with one more batch waited forever in the exchange)."""
+    p = run_train(base_dir, EP + ["--num-iterations", "1", "--eval-tokens", "20000000", "--expert-parallel", "4",
+                                  "--model-tag", "ep_eval"], nproc=4, timeout=240)
+    evals = of_type(read_metrics(base_dir, "ep_eval"), "eval")
+    assert len(evals) == 1 and 0 < evals[0]["val_bpb"] < 20, p.stdout[-2000:]
