@@ -194,6 +194,12 @@ def compute_init(device_type):
     return ddp, rank, local_rank, world_size, device
 
 
+def sync_device(device):
+    """Wait for the device's queued work (CUDA is asynchronous): before reading a timer."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
         # Every rank reaches here before any tears its connections down: destroying the group

@@ -24,7 +24,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import UserError
+from nanochat.common import UserError, sync_device
 from nanochat.tokenizer import SPECIAL_TOKENS, BOS
 
 
@@ -66,7 +66,7 @@ class KVCache:
         assert self.pos + n <= self.max_len, f"KV cache full: {self.pos + n} positions > max_len {self.max_len}"
         self.pos += n
 
-    def _allocate(self, layer_idx, like, slots):
+    def _allocate(self, like, slots):
         shape = (self.batch_size, self.n_kv_head, slots, self.head_dim)
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
@@ -80,8 +80,8 @@ class KVCache:
         assert layer_idx not in self.routed, "a routed (MoD) layer stores with append_routed"
         assert layer_idx not in self.mamba_layers, "a Mamba layer keeps a state, not keys"
         if self.k[layer_idx] is None:
-            self.k[layer_idx] = self._allocate(layer_idx, k, self.max_len)
-            self.v[layer_idx] = self._allocate(layer_idx, v, self.max_len)
+            self.k[layer_idx] = self._allocate(k, self.max_len)
+            self.v[layer_idx] = self._allocate(v, self.max_len)
         self.k[layer_idx][:, :, t0:t1] = k
         self.v[layer_idx][:, :, t0:t1] = v
         return self.k[layer_idx][:, :, :t1], self.v[layer_idx][:, :, :t1]
@@ -107,7 +107,7 @@ class KVCache:
         if self.k[layer_idx] is None or need > self.k[layer_idx].size(2):
             slots = self.routed_len if self.k[layer_idx] is None else 2 * self.k[layer_idx].size(2)
             slots = min(self.max_len, max(slots, need))
-            grown_k, grown_v = self._allocate(layer_idx, k, slots), self._allocate(layer_idx, v, slots)
+            grown_k, grown_v = self._allocate(k, slots), self._allocate(v, slots)
             if self.k[layer_idx] is not None:
                 n = self.filled[layer_idx]
                 grown_k[:, :, :n], grown_v[:, :, :n] = self.k[layer_idx][:, :, :n], self.v[layer_idx][:, :, :n]
@@ -184,11 +184,6 @@ def sample_next_token(logits, rng=None, temperature=1.0, top_k=None, top_p=None,
     return torch.multinomial(probs, num_samples=1, generator=rng)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def max_positions(model):
     """How many positions the model can encode: the length of its rotary table."""
     return model.cos.size(1)
@@ -238,7 +233,7 @@ def generate_batch(model, prompts, max_tokens, num_samples=1, temperature=1.0, t
             logits = logits.repeat_interleave(num_samples, dim=0)
         else:
             logits = model(ids)[:, -1, :]
-        _sync(device)
+        sync_device(device)
         t_prefill = time.perf_counter()
         for step in range(max_tokens):
             next_ids = sample_next_token(logits.float(), rng, temperature, top_k, top_p, repetition_penalty, ids)
@@ -253,7 +248,7 @@ def generate_batch(model, prompts, max_tokens, num_samples=1, temperature=1.0, t
                 logits = model(next_ids, kv_cache=cache)[:, -1, :]
             else:
                 logits = model(ids)[:, -1, :]
-    _sync(device)
+    sync_device(device)
     t_end = time.perf_counter()
     if timings is not None:
         timings.update(prefill_s=t_prefill - t_start, decode_s=t_end - t_prefill, steps=len(out),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from nanochat.mamba import Mamba2
 from nanochat.moe import MoE
-from nanochat.mod import (MoDRouter, mod_tokens, topk_positions, gather_tokens, scatter_tokens, gather_rotary,
+from nanochat.mod import (MoDRouter, mod_tokens, topk_positions, gather_positions, scatter_positions, gather_rotary,
                           straight_through_gate, causal_stats, routed_attention_mask)
 
 
@@ -213,8 +213,8 @@ class Block(nn.Module):
             if self.training:
                 self.mod.record_cut(scores, k)
             gate = straight_through_gate(chosen).unsqueeze(-1).to(x.dtype)
-            out, moe_losses = self._residual(gather_tokens(x, positions), gather_rotary(cos_sin, positions), gate=gate)
-            return scatter_tokens(x, positions, out), moe_losses, causal_stats(scores, positions, self.mod.threshold)
+            out, moe_losses = self._residual(gather_positions(x, positions), gather_rotary(cos_sin, positions), gate=gate)
+            return scatter_positions(x, positions, out), moe_losses, causal_stats(scores, positions, self.mod.threshold)
         # the causal rule: a token is processed when its own score clears the calibrated threshold
         select = self.mod.scores(xn) > self.mod.threshold
         if kv_cache is not None and not bool(select.any()):  # inference only (a host sync): skip the block

@@ -109,10 +109,12 @@ def update_mod_thresholds(model, world_size=1):
         acc = mod.kth_sum.clone()
         if world_size > 1:
             dist.all_reduce(acc, op=dist.ReduceOp.SUM)
-        if acc[1] > 0:
-            rate = max(mod.THRESHOLD_RATE, 1.0 / (mod.updates.item() + 1))
-            mod.threshold += rate * (acc[0] / acc[1] - mod.threshold)
-            mod.updates += 1
+        # on the device, no host sync per step: a step without cuts (none recorded) changes nothing
+        rate = (1.0 / (mod.updates + 1)).clamp(min=mod.THRESHOLD_RATE)
+        seen = acc[1] > 0
+        mean = acc[0] / acc[1].clamp(min=1)
+        mod.threshold.copy_(torch.where(seen, mod.threshold + rate * (mean - mod.threshold), mod.threshold))
+        mod.updates += seen.float()
         mod.kth_sum.zero_()
 
 
@@ -122,13 +124,13 @@ def topk_positions(scores, k):
     return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
-def gather_tokens(x, positions):
+def gather_positions(x, positions):
     """x (B, T, ...) -> (B, k, ...) at positions (B, k)."""
     index = positions.view(*positions.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
     return x.gather(1, index)
 
 
-def scatter_tokens(x, positions, values):
+def scatter_positions(x, positions, values):
     """x with x[b, positions[b, j]] = values[b, j] (out of place; gradients flow to both)."""
     index = positions.view(*positions.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
     return x.scatter(1, index, values)

@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn as nn
 
-from nanochat.common import ArgumentParser, UserError, keep_freed_memory, print0, require, run_main
+from nanochat.common import ArgumentParser, UserError, keep_freed_memory, print0, require, run_main, sync_device
 from nanochat.gpt import GPTConfig, MLP, build_model
 from nanochat.model_args import iso_flops_expert_mult
 from nanochat.moe import MoE, naive_moe_forward, collect_step_loads, active_expert_masks
@@ -75,11 +75,6 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------
 # measurement helpers
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def saved_activation_bytes(fn):
     """Bytes of the tensors autograd saves for backward while fn() runs (each storage once).
@@ -136,14 +131,14 @@ def time_round_robin(cases, repeats, device):
     Returns {name: [seconds...]}."""
     for fn in cases.values():
         fn()
-    _sync(device)
+    sync_device(device)
     times = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync_device(device)
             times[name].append(time.perf_counter() - t0)
     return times
 

@@ -30,7 +30,7 @@ from contextlib import nullcontext
 
 import torch
 
-from nanochat.common import ArgumentParser, check_device_type, get_peak_flops, print0, require, run_main
+from nanochat.common import ArgumentParser, check_device_type, get_peak_flops, print0, require, run_main, sync_device
 from nanochat.gpt import build_model
 from nanochat.model_args import add_model_args, config_from_args, validate_model_args
 from nanochat.optim import setup_optimizers
@@ -103,11 +103,6 @@ def build_variant(name, flags, args, device):
                 flops_per_token=model.estimate_flops(), params=model.num_scaling_params())
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv=None):
     args = parse_args(argv)
     device_type = check_device_type(args.device_type)
@@ -129,20 +124,20 @@ def main(argv=None):
         for _ in range(args.warmup):
             case["fwd_bwd"]()
             case["opt_step"]()
-        _sync(device)
+        sync_device(device)
         case["warmup_s"] = time.perf_counter() - t0
         case["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
     graphs_after_warmup = counters["stats"]["unique_graphs"]
     times = {c["name"]: [] for c in cases}
     for _ in range(args.repeats):
         for case in cases:
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             case["fwd_bwd"]()
-            _sync(device)
+            sync_device(device)
             t1 = time.perf_counter()
             case["opt_step"]()
-            _sync(device)
+            sync_device(device)
             accum = max(1, args.total_batch_size // case["tokens"])
             times[case["name"]].append((t1 - t0, time.perf_counter() - t1, t1 - t0 + (time.perf_counter() - t1) / accum))
     recompiles = counters["stats"]["unique_graphs"] - graphs_after_warmup

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from nanochat.engine import KVCache, generate, new_kv_cache
 from nanochat.gpt import GPTConfig, build_model, describe_params, norm
 from nanochat.mod import (mod_tokens, topk_positions, straight_through_gate, causal_stats, routed_attention_mask,
-                          update_mod_thresholds, gather_tokens, scatter_tokens)
+                          update_mod_thresholds, gather_positions, scatter_positions)
 from nanochat.optim import setup_optimizers
 
 V = 256
@@ -38,8 +38,8 @@ def test_small_functions_by_hand():
     assert topk_positions(scores, 2).tolist() == [[1, 3], [0, 1]]  # position order, not score order
     x = torch.arange(10.0).view(1, 5, 2)
     pos = torch.tensor([[1, 3]])
-    assert gather_tokens(x, pos).tolist() == [[[2.0, 3.0], [6.0, 7.0]]]
-    assert scatter_tokens(x, pos, -torch.ones(1, 2, 2))[0, :, 0].tolist() == [0.0, -1.0, 4.0, -1.0, 8.0]
+    assert gather_positions(x, pos).tolist() == [[[2.0, 3.0], [6.0, 7.0]]]
+    assert scatter_positions(x, pos, -torch.ones(1, 2, 2))[0, :, 0].tolist() == [0.0, -1.0, 4.0, -1.0, 8.0]
     # straight-through gate: value exactly 1, gradient sigmoid'(r)
     r = torch.tensor([-2.0, 0.0, 3.0], requires_grad=True)
     g = straight_through_gate(r)
