@@ -24,8 +24,8 @@ import numpy as np
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import save_file, load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from nanochat.common import UserError, print0, get_base_dir, run_dir, atomic_write, atomic_write_json
 
@@ -135,11 +135,13 @@ def find_latest_step(ckpt_dir):
     return max(steps)
 
 
-def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device, transform=None):
+def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device, slices=None, check_meta=None):
     """Load weights (and optimizer states when `optimizers` is given) into place; return meta
     with this rank's loader state under 'loader_state' (and RNG states under 'rng_state').
-    `step` is a step number or a checkpoint name such as 'best'. transform: applied to the saved
-    state dict before loading (expert parallelism: each rank's block of the experts)."""
+    `step` is a step number or a checkpoint name such as 'best'. slices: {name: slice} of saved
+    tensors to read only part of, along dim 0 (expert parallelism: each rank's block of the
+    experts; the rest is never read, so no rank holds every expert, even while loading).
+    check_meta(meta): called before anything is loaded (raise UserError to refuse the checkpoint)."""
     d = os.path.join(ckpt_dir, step) if isinstance(step, str) else _step_dir(ckpt_dir, step)
     meta_path = os.path.join(d, "meta.json")
     if not os.path.exists(meta_path):
@@ -149,16 +151,18 @@ def load_checkpoint(ckpt_dir, step, model, optimizers, rank, device, transform=N
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{meta_path}: corrupted checkpoint metadata ({e})")
+    if check_meta is not None:
+        check_meta(meta)
     if optimizers is not None and not has_optimizer_state(d):
         raise UserError(f"{d} has no optimizer state (a grown model's step 0?): start a run from it with "
                         f"base_train --init-from, not --resume-from-step")
     path = os.path.join(d, "model.safetensors")
+    slices = slices or {}
     try:
-        state = load_file(path, device=str(device))
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            state = {k: f.get_slice(k)[slices[k]] if k in slices else f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: cannot read checkpoint weights ({e})")
-    if transform is not None:
-        state = transform(state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # names or shapes differ: saved with other model flags

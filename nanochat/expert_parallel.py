@@ -19,8 +19,9 @@ parallelism; an expert's gradient is summed over the ranks that hold the same ex
 replica group, one rank per EP group) and divided by the world size, which makes the update
 the one-process update with gradient accumulation over the same micro-batches (tested).
 
-Checkpoints hold the full experts (gathered over the EP group), so a checkpoint is the same
-file whatever the layout, and weights load into any layout (each rank slices its experts); the
+Each rank builds only its experts (gpt.build_model(expert_shard=...)). Checkpoints hold the full
+experts (gathered to rank 0, one tensor at a time, to host memory), so a checkpoint is the same
+file whatever the layout, and weights load into any layout (each rank reads its block); the
 optimizer state is per rank, so a resume needs the same number of processes and EP size.
 Host syncs (the split sizes) make this path eager-only: no torch.compile, no FP8 seam, no
 capacity factor (all refused with a clear line by base_train).
@@ -78,17 +79,14 @@ def exchange_experts(x_sorted, w_fc, w_proj, offsets, group, ep_size):
     return all_to_all_single(y_recv.new_empty(x_sorted.size(0), d), y_recv, send_splits, recv_splits, group=group)
 
 
-def enable_expert_parallel(model, ep_size, ep_rank, ep_group):
-    """Keep only this rank's experts (a contiguous block of E/N per MoE layer) and route the
-    expert computation through the exchange. Call after the weights are in place (init or
-    load) and before the optimizers are built. Returns the local expert parameters."""
+def enable_expert_parallel(model, ep_size, ep_group):
+    """Route the expert computation of every MoE layer through the exchange. The model was
+    built with only this rank's experts (gpt.build_model(expert_shard=...)); call before the
+    optimizers are built. Returns the local expert parameters."""
     local = []
     for m in moe_layers(model):
-        assert m.n_experts % ep_size == 0, "n_experts must be a multiple of the EP size"
-        n_local = m.n_experts // ep_size
-        m.local_experts = slice(ep_rank * n_local, (ep_rank + 1) * n_local)
-        m.w_fc = nn.Parameter(m.w_fc.detach()[m.local_experts].clone())
-        m.w_proj = nn.Parameter(m.w_proj.detach()[m.local_experts].clone())
+        assert m.local_experts is not None and m.w_fc.size(0) * ep_size == m.n_experts, \
+            "build the model with build_model(config, device, expert_shard=(ep_rank, ep_size))"
         m.expert_mlp = lambda x, w_fc, w_proj, offsets: exchange_experts(x, w_fc, w_proj, offsets, ep_group, ep_size)
         local += [m.w_fc, m.w_proj]
     return local
@@ -105,23 +103,28 @@ def sync_expert_grads(local_params, replica_group, world_size):
         p.grad.div_(world_size)
 
 
-def full_state_dict(model, ep_size, ep_group):
-    """The model's state dict with every MoE layer's experts gathered over the EP group (all
-    ranks of the group must call it): the layout-free checkpoint."""
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+def full_state_dict(model, ep_size, ep_group, rank):
+    """The model's state dict with every MoE layer's experts gathered (the layout-free
+    checkpoint), for rank 0, which writes it; None on the other ranks. Every rank calls it;
+    only the EP group of rank 0 (ranks 0..N-1) takes part, the other groups hold replicas.
+    One tensor at a time, straight to host memory: no device ever holds every expert."""
+    if rank >= ep_size:
+        return None
+    state = {k: v.detach() for k, v in model.state_dict().items()} if rank == 0 else None
     for name, m in model.named_modules():
         if getattr(m, "local_experts", None) is None:
             continue
         for pname in ("w_fc", "w_proj"):
             local = getattr(m, pname).detach().contiguous()
-            parts = [torch.empty_like(local) for _ in range(ep_size)]
-            dist.all_gather(parts, local, group=ep_group)
-            state[f"{name}.{pname}"] = torch.cat(parts, dim=0)
+            parts = [torch.empty_like(local) for _ in range(ep_size)] if rank == 0 else None
+            dist.gather(local, parts, dst=0, group=ep_group)
+            if rank == 0:
+                state[f"{name}.{pname}"] = torch.cat([p.cpu() for p in parts], dim=0)
     return state
 
 
-def local_experts_of(model):
-    """A load transform: full checkpoint tensors -> this rank's experts, for every sliced layer."""
-    slices = {f"{name}.{p}": m.local_experts for name, m in model.named_modules()
-              if getattr(m, "local_experts", None) is not None for p in ("w_fc", "w_proj")}
-    return lambda state: {k: (v[slices[k]] if k in slices else v) for k, v in state.items()}
+def local_expert_slices(model):
+    """{checkpoint name: this rank's block} for every sliced expert tensor (load_checkpoint's
+    slices: a rank reads only its experts from a full checkpoint)."""
+    return {f"{name}.{p}": m.local_experts for name, m in model.named_modules()
+            if getattr(m, "local_experts", None) is not None for p in ("w_fc", "w_proj")}

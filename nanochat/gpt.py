@@ -418,13 +418,26 @@ def mtp_targets(targets, i):
     return torch.cat([targets[:, i:], targets.new_full((targets.size(0), min(i, targets.size(1))), -1)], dim=1)
 
 
-def build_model(config, device):
-    """Build on the meta device (no memory, no init cost), materialise on `device`, init."""
-    with torch.device("meta"):
-        model = GPT(config)
+def build_model(config, device, expert_shard=None):
+    """Build on the meta device (no memory, no init cost), materialise on `device`, init.
+    expert_shard=(ep_rank, ep_size): expert parallelism, keep only this rank's block of every
+    MoE layer's experts; the whole model never exists on this rank (one layer's experts do,
+    briefly, while they are drawn), and the weights equal the same block of the whole model's."""
+    model = meta_model(config)
+    if expert_shard is not None:
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.keep_local_experts(*expert_shard)
     model.to_empty(device=device)
     model.init_weights()
     return model
+
+
+def meta_model(config):
+    """The whole model on the meta device: shapes without memory, for counting parameters and
+    FLOPs when a rank holds only part of it (expert parallelism)."""
+    with torch.device("meta"):
+        return GPT(config)
 
 
 def format_count(n):

@@ -288,7 +288,11 @@ class MoE(nn.Module):
         zeroed buffers (the model is built on the meta device, they are uninitialised)."""
         d = self.router.in_features
         s = 3**0.5 * d**-0.5  # uniform(-s, s) has std d^-0.5
-        nn.init.uniform_(self.w_fc, -s, s)
+        if self.local_experts is None:
+            nn.init.uniform_(self.w_fc, -s, s)
+        else:  # draw every expert (the same random stream as one process), keep this rank's block
+            every = torch.empty(self.n_experts, *self.w_fc.shape[1:], device=self.w_fc.device, dtype=self.w_fc.dtype)
+            self.w_fc.copy_(nn.init.uniform_(every, -s, s)[self.local_experts])
         nn.init.zeros_(self.w_proj)
         nn.init.normal_(self.router.weight, std=self.ROUTER_INIT_LOGIT_STD * d**-0.5)
         if self.n_shared:
@@ -296,6 +300,16 @@ class MoE(nn.Module):
             nn.init.zeros_(self.shared_proj.weight)
         for buf in (self.expert_bias, self.load_since_step, self.stats):
             buf.zero_()
+
+    def keep_local_experts(self, ep_rank, ep_size):
+        """Expert parallelism: keep only the contiguous block of E/N experts this rank holds.
+        On the meta device (gpt.build_model's expert_shard) nothing is ever allocated for the
+        others; init_weights then draws one layer's experts at a time and keeps the block."""
+        assert self.n_experts % ep_size == 0, "n_experts must be a multiple of the EP size"
+        n_local = self.n_experts // ep_size
+        self.local_experts = slice(ep_rank * n_local, (ep_rank + 1) * n_local)
+        self.w_fc = nn.Parameter(self.w_fc.detach()[self.local_experts].clone())
+        self.w_proj = nn.Parameter(self.w_proj.detach()[self.local_experts].clone())
 
     def param_counts(self):
         """{experts, shared_experts, router, inactive}: inactive = the routed experts a token

@@ -1,6 +1,6 @@
 """
-What a training run writes and prints about itself: metrics.jsonl (MetricsLog), the ETA of a
-step line, peak memory, and the summary table at the end.
+What a training run writes and prints about itself: metrics.jsonl (MetricsLog), the step line
+with its ETA, peak memory, and the summary table at the end.
 """
 
 import json
@@ -69,3 +69,35 @@ def summary_table(rows, title="Summary"):
     """Two aligned columns under a title: [(label, value), ...] -> text."""
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", title, "-" * (width + 30)] + [f"{k:<{width}}  {v}" for k, v in rows])
+
+
+def format_step_line(record, num_iterations, smooth_loss, eta_seconds):
+    """The training step line, from the step's train record (base_train's metrics.jsonl)."""
+    step, mfu = record["step"], record["mfu"]
+    extra = (f" | bal {record['balance_loss']:.4f}" if "balance_loss" in record else "") + \
+        (" | mtp " + "/".join(f"{v:.3f}" for v in record["mtp_losses"]) if "mtp_losses" in record else "") + \
+        (" | mod agree " + "/".join(f"{v:.3f}" for v in record["mod_agree"]) if "mod_agree" in record else "")
+    mfu_s = f"{mfu:.1f}%" if mfu is not None else "n/a"
+    return (f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {smooth_loss:.4f}{extra} "
+            f"| lrm {record['lr_mult']:.2f} | dt {record['dt'] * 1000:.0f}ms | tok/s {record['tok_per_sec']:,.0f} "
+            f"| mfu {mfu_s} | epoch {record['epochs']:.2f} | eta {format_eta(eta_seconds)}")
+
+
+def training_summary_rows(summary, model_tag, run_dir, init_flops, n_mod, recompiles=None):
+    """The end-of-run table, a view of the summary record; recompiles: graphs compiled after
+    step 1 under torch.compile (None: not compiled)."""
+    s = summary
+    rows = [("model", model_tag), ("params total / active", f"{s['total']:,} / {s['active_total']:,}"),
+            ("FLOPs/token", f"{s['flops_per_token']:.4e}"), ("tokens", f"{s['tokens']:,}"),
+            ("FLOPs", f"{s['flops']:.4e}" + (f" (incl. {init_flops:.4e} before --init-from)" if init_flops else "")),
+            ("epochs (passes over the train data)", f"{s['epochs']:.2f}"),
+            ("final val bpb", f"{s['final_val_bpb']:.4f}" + (" (MoD: causal threshold)" if n_mod else "")),
+            *([("val bpb, top-k MoD routing (not causal)", f"{s['final_val_bpb_topk']:.4f}")] if n_mod else []),
+            ("entropy floor", f"{s['entropy_floor']:.4f}" if s["entropy_floor"] is not None else "n/a"),
+            ("tok/s (mean step)", f"{s['tok_per_sec']:,.0f}"), ("wall time", f"{s['wall_time']:.1f}s"),
+            ("peak memory", f"{s['peak_memory_mb']:.0f} MiB"),
+            ("optimizer state per rank" + (" (sharded)" if s["sharded_optimizer"] else ""),
+             " / ".join(f"{m:.2f}" for m in s["optimizer_state_mib_per_rank"]) + " MiB")]
+    if recompiles is not None:
+        rows.append(("graphs compiled after step 1", f"{recompiles}"))
+    return rows + [("run folder", run_dir)]

@@ -6,7 +6,8 @@
 # and the exit status is non-zero if any failed. Stages (STAGES picks them, in this order):
 #   tests     CUDA tests (tests/test_cuda.py; skipped when pytest is not installed)
 #   step      whole-model training steps, dense vs the default MoE (top-2 of 8, iso-FLOPs) at a
-#             nanochat-like size, bf16, compiled: tok/s, MFU, MoE/dense step, recompiles, memory
+#             nanochat-like size, bf16, compiled: tok/s, MFU, MoE/dense step, recompiles, memory,
+#             and each one's costliest GPU kernels (torch.profiler)
 #   step_fp8  the same with --fp8 (skipped when this machine cannot: no torchao or no FP8 GPU)
 #   variants  MoD and MTP variants beside dense and MoE (depth 8), compiled
 #   bench_moe bench_moe's whole-model step, compiled
@@ -187,7 +188,9 @@ fi
 # Dense vs the default MoE (top-2 of 8 at iso-FLOPs): the MoE/dense step ratio, MFU and
 # recompiles after warm-up are issue 16's targets. Compiling each takes 30-90 s on an H200.
 read -r -a STEP_SHAPE <<< "${STEP_ARGS:---depth 12 --n-embd 768 --head-dim 128 --max-seq-len 1024 --vocab-size 32768 --rows 16 --repeats 10}"
-S=("$PY" -m scripts.bench_step "${STEP_SHAPE[@]}" "${PREC[@]}" --variant dense: --variant moe:--use-moe)
+# --profile 25: then one profiled fwd+bwd each, its 25 costliest kernels in the JSON (where the
+# MoE's extra time goes: grouped GEMMs, gathers, sort, routing?)
+S=("$PY" -m scripts.bench_step "${STEP_SHAPE[@]}" "${PREC[@]}" --profile 25 --variant dense: --variant moe:--use-moe)
 if has step; then
     stage step 150 "${S[@]}"
 fi

@@ -26,7 +26,7 @@ from nanochat.common import (UserError, require, ArgumentParser, run_main, print
                              get_dist_info, compute_init, compute_cleanup, DummyWandb, get_peak_flops, keep_freed_memory,
                              atomic_write_json)
 from nanochat.model_args import add_model_args, validate_model_args, model_shape, config_from_args, resolve_init_from
-from nanochat.report import MetricsLog, peak_memory_mb, finite_or_none, format_eta, summary_table
+from nanochat.report import MetricsLog, peak_memory_mb, finite_or_none, format_step_line, training_summary_rows, summary_table
 
 DATA_SOURCES = ("synthetic", "fineweb")
 
@@ -266,7 +266,7 @@ def main(argv=None):
 
 def train(args, device_type, device, ddp, rank, world_size, init=None):
     """init: resolve_init_from's dict for --init-from (weights, config, tokenizer, data position)."""
-    from nanochat.gpt import build_model, describe_params
+    from nanochat.gpt import build_model, meta_model, describe_params
     from nanochat.optim import (setup_optimizers, all_reduce_grads, shard_owners, reduce_grads_to_owners,
                                 broadcast_from_owners, optimizer_state_mib_per_rank)
     from nanochat.tokenizer import get_tokenizer, load_token_bytes
@@ -299,18 +299,22 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     entropy_floor = read_entropy_floor(data_dir)
 
     config = init["config"] if init else config_from_args(args, tokenizer.get_vocab_size())
-    model = build_model(config, device)
+    ep = args.expert_parallel  # EP: each rank builds only its block of experts; the rest is replicated
+    model = build_model(config, device, expert_shard=(rank % ep, ep) if ep > 1 else None)
+    from nanochat.expert_parallel import local_expert_slices
+    load_slices = local_expert_slices(model)  # under EP: read only this rank's block of each expert tensor
     init_flops = 0.0  # FLOPs the weights cost before this run (the --init-from lineage): records are cumulative
     if init:
         init_flops = init["meta"].get("flops") or 0.0
         if not args.resume_from_step:
             ckpt_parent, ckpt_name = os.path.split(os.path.normpath(init["checkpoint"]))
-            load_checkpoint(ckpt_parent, ckpt_name, model, None, rank, device)
+            load_checkpoint(ckpt_parent, ckpt_name, model, None, rank, device, slices=load_slices)
         print0(f"Initialised from {init['checkpoint']} (step {init['meta']['step']}, val bpb {init['meta'].get('val_bpb')}, "
                f"{init_flops:.3e} FLOPs before this run); fresh optimizer, LR warm-up {args.warmup_ratio:g} of the steps")
-    params = model.num_scaling_params()
-    flops_per_token = model.estimate_flops()
-    print0(describe_params(model))
+    whole = model if ep == 1 else meta_model(config)  # counts and FLOPs are of the whole model
+    params = whole.num_scaling_params()
+    flops_per_token = whole.estimate_flops()
+    print0(describe_params(whole))
     if args.fp8:
         from nanochat.fp8 import convert_to_fp8
         converted, fp8_experts = convert_to_fp8(model)
@@ -339,11 +343,10 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     if entropy_floor is not None:
         print0(f"Entropy floor of the validation data: {entropy_floor:.4f} bits/byte (irreducible)")
 
-    ep = args.expert_parallel
-    if ep > 1:  # each rank keeps its block of experts; the rest of the model is replicated
-        from nanochat.expert_parallel import ep_groups, enable_expert_parallel, sync_expert_grads, full_state_dict, local_experts_of
+    if ep > 1:
+        from nanochat.expert_parallel import ep_groups, enable_expert_parallel, sync_expert_grads, full_state_dict
         ep_group, replica_group = ep_groups(world_size, ep, rank)
-        expert_params = enable_expert_parallel(model, ep, rank % ep, ep_group)
+        expert_params = enable_expert_parallel(model, ep, ep_group)
         n_local = sum(p.numel() for p in expert_params)
         print0(f"Expert parallelism: {ep} ranks per group, {config.n_experts // ep} experts per rank per MoE layer "
                f"({n_local:,} expert params here, 1/{ep} of {n_local * ep:,})")
@@ -377,14 +380,20 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         state.loader_state = loader_states[rank]  # continue the source's data stream: no token is seen twice
     if args.resume_from_step:
         step_to_load = find_latest_step(ckpt_dir) if args.resume_from_step == "latest" else int(args.resume_from_step)
-        meta = load_checkpoint(ckpt_dir, step_to_load, model, optimizers, rank, device,
-                               transform=local_experts_of(model) if ep > 1 else None)
+
+        def same_layout(meta):  # each rank restores its own optimizer state and data position
+            if meta.get("world_size", world_size) != world_size:
+                raise UserError(f"--resume-from-step: the checkpoint was saved by {meta['world_size']} process(es), this run "
+                                f"has {world_size}; resume with the same number (each rank restores its own data position)")
+            if meta.get("args", {}).get("expert_parallel", 1) != ep:
+                raise UserError(f"--resume-from-step: the checkpoint was saved with --expert-parallel "
+                                f"{meta['args'].get('expert_parallel', 1)}, this run has {ep}; resume with the same (the "
+                                f"optimizer state is per rank), or start from its weights with --init-from")
+        meta = load_checkpoint(ckpt_dir, step_to_load, model, optimizers, rank, device, slices=load_slices,
+                               check_meta=same_layout)
         init_flops = meta.get("init_flops", init_flops)  # this run's own record, whatever --init-from resolves to now
         if "rng_state" in meta:
             set_rng_state(meta["rng_state"])
-        if meta.get("world_size", world_size) != world_size:
-            raise UserError(f"--resume-from-step: the checkpoint was saved by {meta['world_size']} process(es), this run "
-                            f"has {world_size}; resume with the same number (each rank restores its own data position)")
         state = RunState(step=meta["step"], flops=init_flops + meta["step"] * flops_per_token * tokens_per_step,
                          min_val_bpb=meta.get("min_val_bpb") or float("inf"), smooth_loss=meta.get("smooth_loss", 0.0),
                          loader_state=meta["loader_state"])
@@ -420,7 +429,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                     tokenizer_dir=tokenizer_dir, data_dir=data_dir, commit=git_commit())
         save_checkpoint(ckpt_dir, state.step, model, optimizers, rank, ddp, loader_state=state.loader_state,
                         meta=meta, name=name, keep=args.keep_checkpoints, sharded=sharded or ep > 1,
-                        weights=full_state_dict(model, ep, ep_group) if ep > 1 else None)
+                        weights=full_state_dict(model, ep, ep_group, rank) if ep > 1 else None)
 
     eval_steps = max(1, args.eval_tokens // (B * T * world_size))
     sample_prompts = [d[:48].rsplit(" ", 1)[0] for d in _first_documents(val_shards[0], 3)]  # whole words
@@ -549,13 +558,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                 print0(f"  warning: MoE layer {i} expert {e} has received no token for 3 intervals "
                        f"({3 * args.moe_stats_every} steps); consider --aux-free-bias or a larger --balance-loss-coeff")
         if step % args.log_every == 0 or step == num_iterations:
-            bal = (f" | bal {balance_loss:.4f}" if args.use_moe else "") + \
-                (" | mtp " + "/".join(f"{v:.3f}" for v in mtp_losses) if mtp_losses else "") + \
-                (" | mod agree " + "/".join(f"{v:.3f}" for v in mod_stats[1::2]) if n_mod else "")
-            mfu_s = f"{mfu:.1f}%" if mfu is not None else "n/a"
-            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f}{bal} "
-                   f"| lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_s} "
-                   f"| epoch {epochs:.2f} | eta {format_eta(avg_dt * (num_iterations - step))}")
+            print0(format_step_line(record, num_iterations, debiased, avg_dt * (num_iterations - step)))
 
     wall = time.time() - t_start
     times = state.step_times
@@ -571,22 +574,10 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     metrics.write(summary)
     metrics.close()
     wandb_run.finish()
-    rows = [("model", model_tag), ("params total / active", f"{params['total']:,} / {params['active_total']:,}"),
-            ("FLOPs/token", f"{flops_per_token:.4e}"), ("tokens", f"{summary['tokens']:,}"),
-            ("FLOPs", f"{state.flops:.4e}" + (f" (incl. {init_flops:.4e} before --init-from)" if init_flops else "")),
-            ("epochs (passes over the train data)", f"{summary['epochs']:.2f}"),
-            ("final val bpb", f"{state.val_bpb:.4f}" + (" (MoD: causal threshold)" if n_mod else "")),
-            *([("val bpb, top-k MoD routing (not causal)", f"{state.val_bpb_topk:.4f}")] if n_mod else []),
-            ("entropy floor", f"{entropy_floor:.4f}" if entropy_floor is not None else "n/a"),
-            ("tok/s (mean step)", f"{avg_tok_s:,.0f}"), ("wall time", f"{wall:.1f}s"),
-            ("peak memory", f"{summary['peak_memory_mb']:.0f} MiB"),
-            ("optimizer state per rank" + (" (sharded)" if sharded else ""), " / ".join(f"{m:.2f}" for m in optim_mib) + " MiB"),
-            ("run folder", run_dir)]
-    if use_compile and state.step > start_step:
-        # graphs compiled after the first step = recompiles (routing changes must not cause any)
-        later = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_after_warmup
-        rows.insert(-1, ("graphs compiled after step 1", f"{later}"))
-    print0(summary_table(rows))
+    recompiles = None
+    if use_compile and state.step > start_step:  # graphs compiled after step 1 (routing changes must not cause any)
+        recompiles = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_after_warmup
+    print0(summary_table(training_summary_rows(summary, model_tag, run_dir, init_flops, n_mod, recompiles)))
 
 
 def _first_documents(path, n):

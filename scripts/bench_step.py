@@ -17,8 +17,9 @@ not do; the first GPU run did exactly that: dev/LOG.md).
 Per variant: FLOPs/token (GPT.estimate_flops), median step time and tok/s, time ratio and FLOPs
 ratio against the first variant (a variant whose time ratio is above its FLOPs ratio loses
 wall clock to overhead the FLOPs count does not see), MFU where the peak is known, graphs
-compiled after the warm-up (recompiles: must be 0) and, on CUDA, peak memory. The last line
-is JSON: {variant: {...}}.
+compiled after the warm-up (recompiles: must be 0) and, on CUDA, peak memory; with --profile N,
+the N ops with the most self time in one fwd+bwd (kernels on CUDA): where an overhead lives.
+The last line is JSON: {variant: {...}}.
 """
 
 import argparse
@@ -58,6 +59,9 @@ def parse_args(argv=None):
                    help="convert every variant to FP8 training (torchao, as base_train --fp8; needs an H100-class GPU)")
     p.add_argument("--total-batch-size", type=int, default=524288,
                    help="tokens per optimizer step: the optimizer's time is spread over its micro-batches")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one fwd+bwd per variant (torch.profiler) and report its N most "
+                        "expensive ops by self time on the device (CPU time on CPU)")
     args = p.parse_args(argv)
     require(args.variant, "give at least one --variant NAME:FLAGS (e.g. --variant dense:)")
     variants = []
@@ -70,6 +74,7 @@ def parse_args(argv=None):
         variants.append((name, extra))
     require(len({n for n, _ in variants}) == len(variants), "--variant names must differ")
     require(args.rows >= 1 and args.repeats >= 1 and args.warmup >= 1, "--rows, --repeats and --warmup must be >= 1")
+    require(args.profile >= 0, "--profile N must be >= 0")
     args.variants = variants
     return args
 
@@ -101,6 +106,23 @@ def build_variant(name, flags, args, device):
         model.zero_grad(set_to_none=True)
     return dict(name=name, model=model, fwd_bwd=fwd_bwd, opt_step=opt_step, tokens=args.rows * T,
                 flops_per_token=model.estimate_flops(), params=model.num_scaling_params())
+
+
+def profile_ops(fwd_bwd, device, n):
+    """One fwd+bwd under torch.profiler: {clock, total_ms, ops: the n ops (kernels on CUDA) with
+    the most self time, [{name, calls, self_ms, share}]}. Self time: an op's own time, without
+    the ops it calls, so the shares add up and name where the time is spent."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fwd_bwd()
+        sync_device(device)
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    total = sum(self_us(e) for e in events)
+    events.sort(key=self_us, reverse=True)
+    ops = [dict(name=e.key, calls=e.count, self_ms=self_us(e) / 1000, share=self_us(e) / total) for e in events[:n]]
+    return dict(clock="device" if cuda else "CPU", total_ms=total / 1000, ops=ops)
 
 
 def main(argv=None):
@@ -165,6 +187,13 @@ def main(argv=None):
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print0("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    if args.profile:  # where each variant's time goes (after the timing, so it cannot perturb it)
+        for case in cases:
+            result[case["name"]]["profile"] = top_ops = profile_ops(case["fwd_bwd"], device, args.profile)
+            print0(f"\n{case['name']}: top {len(top_ops['ops'])} ops of one fwd+bwd by self {top_ops['clock']} time "
+                   f"(of {top_ops['total_ms']:.1f} ms)")
+            for op in top_ops["ops"]:
+                print0(f"  {op['self_ms']:8.2f} ms {100 * op['share']:5.1f}%  x{op['calls']:<5d} {op['name'][:100]}")
     extra = dict(recompiles_after_warmup=recompiles if args.compile == "on" else None, repeats=args.repeats, fp8=args.fp8,
                  device=torch.cuda.get_device_name() if device_type == "cuda" else "cpu")
     if args.compile == "on":

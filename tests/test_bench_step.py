@@ -36,6 +36,25 @@ def test_variants_side_by_side_with_flops_of_the_built_models():
     assert all(v["step_s_median"] > 0 and v["tok_per_sec"] == pytest.approx(128 / v["step_s_median"]) for v in out.values())
 
 
+def test_profile_names_where_the_time_goes():
+    """--profile N: each variant's ops by self time, largest first, shares of the profiled total;
+    the MoE's dispatch (its sort by expert) shows up in the MoE's profile and not in the dense one."""
+    args = [sys.executable, "-m", "scripts.bench_step", *COMMON, "--variant", "dense:",
+            "--variant", "moe:--use-moe --n-experts 4", "--profile", "500"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])["variants"]
+    for v in out.values():
+        prof = v["profile"]
+        times = [op["self_ms"] for op in prof["ops"]]
+        assert prof["clock"] == "CPU" and times == sorted(times, reverse=True) and times[-1] > 0
+        assert sum(times) == pytest.approx(prof["total_ms"], rel=1e-6)  # 500 > every op: the whole profile
+        assert all(op["share"] == pytest.approx(op["self_ms"] / prof["total_ms"]) for op in prof["ops"])
+    names = {v: {op["name"] for op in out[v]["profile"]["ops"]} for v in out}
+    assert "aten::sort" in names["moe"] and "aten::sort" not in names["dense"], names
+    assert "top 500 ops" not in r.stdout and "dense: top" in r.stdout  # the header counts the ops it lists
+
+
 @pytest.mark.parametrize("spec,message", [("nocolon", "expected NAME:FLAGS"), ("x:--bogus", "unrecognized arguments: --bogus"),
                                           ("x:--mod-capacity 2", "--mod-capacity must be in [0, 1]")])
 def test_bad_variant_is_one_line(spec, message):

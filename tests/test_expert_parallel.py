@@ -38,23 +38,51 @@ def test_ep_2_and_4_processes_match_one_process(base_dir):
         assert all(torch.allclose(saved[k], full[k], atol=1e-3) for k in full)
 
 
-def test_expert_memory_per_rank_is_one_nth(base_dir):
-    """In-process: build the model, split its experts as rank r of 4 would (no exchange runs)."""
+def test_expert_memory_per_rank_is_one_nth_and_the_whole_model_is_never_built():
+    """In-process: each rank builds only its block of experts (no exchange runs here); the
+    block equals the same slice of the whole model built from the same seed, and the largest
+    expert tensor a rank ever allocates is one layer's, while it is drawn."""
     from nanochat.expert_parallel import enable_expert_parallel
-    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.gpt import GPTConfig, build_model, meta_model
     from nanochat.moe import moe_layers
-    cfg = GPTConfig(sequence_len=16, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+    cfg = GPTConfig(sequence_len=16, vocab_size=256, n_layer=3, n_head=2, n_kv_head=2, n_embd=64,
                     use_moe=True, n_experts=8, expert_topk=2, expert_hidden_mult=2)
     torch.manual_seed(0)
     whole = build_model(cfg, "cpu")
     total = sum(m.w_fc.numel() + m.w_proj.numel() for m in moe_layers(whole))
+    layer = moe_layers(whole)[0].w_fc.numel()
     for r in range(4):
-        torch.manual_seed(0)  # every rank builds the same model (base_train seeds it), then keeps its block
-        model = build_model(cfg, "cpu")
-        local = enable_expert_parallel(model, 4, r, ep_group=None)
+        torch.manual_seed(0)  # every rank seeds alike (base_train), so the replicated parts agree too
+        with TrackAllocations() as allocated:
+            model = build_model(cfg, "cpu", expert_shard=(r, 4))
+        local = enable_expert_parallel(model, 4, ep_group=None)
         assert sum(p.numel() for p in local) * 4 == total
+        # allocated: this rank's tensors, plus one layer's w_fc per MoE layer while it is drawn
+        held = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+        assert sum(allocated) == held + len(moe_layers(model)) * layer and max(allocated) == layer
         for m, w in zip(moe_layers(model), moe_layers(whole)):
             assert torch.equal(m.w_fc, w.w_fc[2 * r:2 * r + 2]) and m.local_experts == slice(2 * r, 2 * r + 2)
+            assert torch.equal(m.router.weight, w.router.weight)
+        assert all(torch.equal(p, whole.get_parameter(n)) for n, p in model.named_parameters() if "w_" not in n)
+    # parameter counts and FLOPs are of the whole model (base_train counts on a meta copy)
+    assert meta_model(cfg).num_scaling_params() == whole.num_scaling_params()
+    assert meta_model(cfg).estimate_flops() == whole.estimate_flops()
+
+
+class TrackAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The numel of every tensor created by an empty/new-tensor factory inside the block."""
+
+    def __enter__(self):
+        self.sizes = []
+        super().__enter__()
+        return self.sizes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like,
+                                   torch.ops.aten.clone) and isinstance(out, torch.Tensor) and not out.is_meta:
+            self.sizes.append(out.numel())
+        return out
 
 
 def test_ep_resume_is_exact_and_bad_layouts_are_one_line(base_dir):
@@ -68,6 +96,11 @@ def test_ep_resume_is_exact_and_bad_layouts_are_one_line(base_dir):
     assert losses(base_dir, "ep_resume") == full
     after = load_file(str(ckpt / "step_000006" / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # another layout, same processes: the per-rank optimizer state does not fit it
+    p = run_train(base_dir, args[:-6] + ["--expert-parallel", "1", "--model-tag", "ep_resume", "--resume-from-step", "3"],
+                  nproc=2, check=False)
+    assert p.returncode != 0 and "saved with --expert-parallel 2, this run has 1" in p.stderr, p.stderr[-2000:]
+    assert "does not fit" not in p.stderr  # refused on the layout, before the optimizer state is read
     p = run_train(base_dir, EP + ["--expert-parallel", "3", "--num-iterations", "1", "--model-tag", "x"], check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "--expert-parallel 3 must divide the number of processes 1" in p.stderr
@@ -84,3 +117,14 @@ def test_ep_evaluation_stops_together_when_a_rank_runs_out(base_dir):
                                   "--model-tag", "ep_eval"], nproc=4, timeout=240)
     evals = of_type(read_metrics(base_dir, "ep_eval"), "eval")
     assert len(evals) == 1 and 0 < evals[0]["val_bpb"] < 20, p.stdout[-2000:]
+
+
+def test_init_from_under_ep_loads_each_ranks_block(base_dir):
+    """--init-from a checkpoint (every expert in it) into an EP run: each rank takes its block,
+    so the new run's first evaluation equals the source's last (same ranks, same data)."""
+    common = EP + ["--eval-every", "3", "--expert-parallel", "2"]
+    run_train(base_dir, common + ["--num-iterations", "3", "--model-tag", "ep_src"], nproc=2)
+    # (no --depth: the shape is the checkpoint's)
+    run_train(base_dir, common[2:] + ["--init-from", "ep_src", "--num-iterations", "1", "--model-tag", "ep_dst"], nproc=2)
+    src, dst = of_type(read_metrics(base_dir, "ep_src"), "eval"), of_type(read_metrics(base_dir, "ep_dst"), "eval")
+    assert dst[0]["step"] == 0 and abs(dst[0]["val_bpb"] - src[-1]["val_bpb"]) <= 1e-6 * src[-1]["val_bpb"], (src, dst)

@@ -85,7 +85,8 @@ def test_gpu_check_dry_run_default_stages_in_order_with_limits():
     assert tests == "python -m pytest -q tests/test_cuda.py"
     assert step.startswith("python -m scripts.bench_step --depth 12 --n-embd 768 --head-dim 128 --max-seq-len 1024 "
                            "--vocab-size 32768")
-    assert "--dtype bf16 --device-type cuda --compile on" in step and step.endswith("--variant dense: --variant moe:--use-moe")
+    assert "--dtype bf16 --device-type cuda --compile on --profile 25" in step
+    assert step.endswith("--variant dense: --variant moe:--use-moe")
     assert step_fp8 == step + " --fp8" and "--fp8" not in step
     assert variants.startswith("python -m scripts.bench_step --depth 8") and "--compile on" in variants
     assert "mod:--mod-capacity 0.125" in variants and "mtp:--mtp-heads 1" in variants
@@ -117,6 +118,7 @@ def test_gpu_check_stages_run_on_cpu_and_write_json_as_they_end(tmp_path):
     assert step["stage"] == "step" and step["status"] == "ok" and step["exit_code"] == 0 and step["seconds"] > 0
     assert step["command"].startswith(sys.executable + " -m scripts.bench_step --depth 1")
     assert list(step["result"]["variants"]) == ["dense", "moe"]  # the bench's JSON line, embedded
+    assert all(len(v["profile"]["ops"]) == 25 for v in step["result"]["variants"].values())  # where the time goes
     assert "moe" in (tmp_path / "step.log").read_text()
     fp8 = json.loads((tmp_path / "step_fp8.json").read_text())  # no FP8 GPU here: skipped, not failed
     assert fp8["status"] == "skipped" and fp8["exit_code"] is None and "--fp8" in fp8["reason"]
