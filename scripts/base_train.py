@@ -132,8 +132,7 @@ def validate_args(args, world_size):
         require(ep >= 1 and world_size % ep == 0, f"--expert-parallel {ep} must divide the number of processes {world_size}")
         require(args.use_moe and args.n_experts % ep == 0, f"--expert-parallel {ep} needs --use-moe with --n-experts a multiple of it")
         require(not args.capacity_factor, "--expert-parallel is dropless: drop --capacity-factor")
-        require(args.compile != "on" and not args.fp8,
-                "--expert-parallel runs eager (its split sizes are host data): drop --compile on / --fp8")
+        require(not args.fp8, "--expert-parallel runs its experts in bf16, not FP8: drop --fp8")
     require(args.device_batch_size >= 1, f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
     seq_len = model_shape(args)[5]
     tokens_per_fwdbwd = args.device_batch_size * seq_len * world_size
@@ -360,12 +359,14 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                                                 device_type=device_type, owners=owners, rank=rank)
     n_moe_layers = max(1, model.num_moe_layers())
     n_mod = len(model.mod_layers())
-    use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda" and ep == 1)
+    use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
     # Fixed shapes, one graph: the MoE's tensors are sized by (tokens, k, experts) only; how many
     # tokens each expert got is data (grouped-GEMM offsets), never a shape. So dynamic=False (no
     # symbolic shapes to guard) and fullgraph=True (a graph break is an error, not a silent slow
     # path). tests/test_compile.py proves zero recompiles under changing, skewed routing.
-    train_model = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
+    # Under EP the token exchange is the exception: its split sizes are host data, so it runs eager
+    # between compiled graphs (a graph break per MoE layer; the graphs' shapes stay fixed).
+    train_model = torch.compile(model, dynamic=False, fullgraph=ep == 1) if use_compile else model
     autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
 
     model_tag = args.model_tag or (f"d{config.n_layer}" + (f"_moe{args.n_experts}k{args.expert_topk}" if args.use_moe else "")

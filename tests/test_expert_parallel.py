@@ -2,6 +2,8 @@
 processes reproduce one process with the same global batch (gradient accumulation), each rank
 holds 1/N of the experts, checkpoints hold the full experts, resume is exact."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -36,6 +38,12 @@ def test_ep_2_and_4_processes_match_one_process(base_dir):
         # (the embedding differs by up to ~3e-4: Adam turns float-order noise in near-zero
         # gradients of rare tokens into whole steps; the losses above agree to 1e-5)
         assert all(torch.allclose(saved[k], full[k], atol=1e-3) for k in full)
+    # compiled: the exchange is a graph break (run eager), the graphs around it never recompile
+    p = run_train(base_dir, EP + ["--num-iterations", "10", "--expert-parallel", "2", "--compile", "on",
+                                  "--model-tag", "ep2c"], nproc=2)
+    assert re.search(r"graphs compiled after step 1 +0\n", p.stdout), p.stdout[-2000:]
+    other = losses(base_dir, "ep2c")
+    assert len(other) == 10 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(one, other)), (one, other)
 
 
 def test_expert_memory_per_rank_is_one_nth_and_the_whole_model_is_never_built():
