@@ -8,9 +8,13 @@
 #   step      whole-model training steps, dense vs the default MoE (top-2 of 8, iso-FLOPs) at a
 #             nanochat-like size, bf16, compiled: tok/s, MFU, MoE/dense step, recompiles, memory,
 #             and each one's costliest GPU kernels (torch.profiler)
-#   step_fp8  the same with --fp8 (skipped when this machine cannot: no torchao or no FP8 GPU)
-#   variants  MoD and MTP variants beside dense and MoE (depth 8), compiled
+#   moe_parts where the MoE's extra step time comes from (depth 4, compiled, profiled): dense, the
+#             default MoE, one 4d expert (all the routing and dispatch, a single group) and
+#             top-1 of 8 4d experts (half the assignments, larger groups)
+#   step_fp8  the same as step with --fp8 (skipped when this machine cannot: no torchao or no FP8 GPU)
 #   bench_moe bench_moe's whole-model step, compiled
+#   variants  (not by default: measured on an H200, dev/LOG.md) MoD and MTP variants beside dense
+#             and MoE (depth 8), compiled
 #   train     (not by default: needs a tokenizer, i.e. rustbpe or one prepared before) dense and
 #             MoE base_train runs on the built-in corpus
 # Only torch, numpy (and pytest for `tests`) are needed: nothing here downloads anything.
@@ -24,7 +28,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/gpu_check}"
 PY="${PYTHON:-python}"
-STAGES="${STAGES:-tests step step_fp8 variants bench_moe}"
+STAGES="${STAGES:-tests step moe_parts step_fp8 bench_moe}"
 STEPS="${STEPS:-60}"  # train stage: optimizer steps per run
 # The whole run stops starting stages after TOTAL_LIMIT seconds (each stage's limit is clipped to
 # what is left), so it fits the device time however the stages go; a stage that would get less
@@ -193,6 +197,15 @@ read -r -a STEP_SHAPE <<< "${STEP_ARGS:---depth 12 --n-embd 768 --head-dim 128 -
 S=("$PY" -m scripts.bench_step "${STEP_SHAPE[@]}" "${PREC[@]}" --profile 25 --variant dense: --variant moe:--use-moe)
 if has step; then
     stage step 150 "${S[@]}"
+fi
+# The MoE/dense step ratio, taken apart: if moe_e1 (the MoE machinery around one plain GEMM) is
+# as slow as moe, routing/dispatch/combine cost the time; if it is near dense, the grouped GEMM
+# over 8 groups does; moe_top1 halves the gathered rows at the same FLOPs.
+P=(--depth 4 --n-embd 768 --head-dim 128 --max-seq-len 1024 --vocab-size 32768 --rows 32 --repeats 10 "${PREC[@]}")
+if has moe_parts; then
+    stage moe_parts 150 "$PY" -m scripts.bench_step "${P[@]}" --profile 15 --variant dense: --variant moe:--use-moe \
+        --variant "moe_e1:--use-moe --n-experts 1 --expert-topk 1 --expert-hidden-mult 4" \
+        --variant "moe_top1:--use-moe --expert-topk 1 --expert-hidden-mult 4"
 fi
 if has step_fp8; then
     SKIP=$(skip_reason "from nanochat.fp8 import check_fp8_supported as c; c('$DEVICE')") stage step_fp8 120 "${S[@]}" --fp8

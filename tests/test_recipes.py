@@ -81,13 +81,16 @@ def gpu_check_dry_run(**env):
 
 def test_gpu_check_dry_run_default_stages_in_order_with_limits():
     stages = gpu_check_dry_run()
-    (lt, tests), (ls, step), (lf, step_fp8), (lv, variants), (lb, bench) = stages
+    (lt, tests), (ls, step), (lp, parts), (lf, step_fp8), (lb, bench) = stages
     assert tests == "python -m pytest -q tests/test_cuda.py"
     assert step.startswith("python -m scripts.bench_step --depth 12 --n-embd 768 --head-dim 128 --max-seq-len 1024 "
                            "--vocab-size 32768")
     assert "--dtype bf16 --device-type cuda --compile on --profile 25" in step
     assert step.endswith("--variant dense: --variant moe:--use-moe")
     assert step_fp8 == step + " --fp8" and "--fp8" not in step
+    assert parts.startswith("python -m scripts.bench_step --depth 4") and "--compile on --profile 15" in parts
+    assert "moe_e1:--use-moe --n-experts 1 --expert-topk 1 --expert-hidden-mult 4" in parts
+    (_, variants), = gpu_check_dry_run(STAGES="variants")  # opt-in: measured already
     assert variants.startswith("python -m scripts.bench_step --depth 8") and "--compile on" in variants
     assert "mod:--mod-capacity 0.125" in variants and "mtp:--mtp-heads 1" in variants
     assert bench == "python -m scripts.bench_moe --step-only --dtype bf16 --device-type cuda --compile on --repeats 10"
