@@ -33,7 +33,6 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.distributed.nn.functional import all_to_all_single
 
 # torch 2.13 calls the differentiable all_to_all_single deprecated in favour of a private module
