@@ -136,3 +136,18 @@ def test_init_from_under_ep_loads_each_ranks_block(base_dir):
     run_train(base_dir, common[2:] + ["--init-from", "ep_src", "--num-iterations", "1", "--model-tag", "ep_dst"], nproc=2)
     src, dst = of_type(read_metrics(base_dir, "ep_src"), "eval"), of_type(read_metrics(base_dir, "ep_dst"), "eval")
     assert dst[0]["step"] == 0 and abs(dst[0]["val_bpb"] - src[-1]["val_bpb"]) <= 1e-6 * src[-1]["val_bpb"], (src, dst)
+
+
+@pytest.mark.parametrize("variant", [["--mod-capacity", "0.5", "--mtp-heads", "1"], ["--layer-pattern", "AM"]],
+                         ids=["mod_mtp", "mamba"])
+def test_ep_composes_with_the_architecture_variants(base_dir, variant):
+    """EP under the other variants (MoD blocks and an MTP head; Mamba layers): 2 processes
+    evaluate like 1 process with gradient accumulation, at every eval."""
+    args = EP + ["--eval-every", "2", "--num-iterations", "4"] + variant
+    run_train(base_dir, args + ["--model-tag", "combo1"])
+    run_train(base_dir, args + ["--expert-parallel", "2", "--model-tag", "combo2"], nproc=2)
+    one, two = (of_type(read_metrics(base_dir, t), "eval") for t in ("combo1", "combo2"))
+    assert [e["step"] for e in one] == [e["step"] for e in two] == [0, 2, 4]
+    for key in ("val_bpb", "val_bpb_topk") if "--mod-capacity" in variant else ("val_bpb",):
+        assert all(abs(a[key] - b[key]) <= 1e-5 * a[key] for a, b in zip(one, two) if key in a), (key, one, two)
+    assert ("val_bpb_topk" in one[-1]) == ("--mod-capacity" in variant)
