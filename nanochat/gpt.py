@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.mamba import Mamba2
-from nanochat.moe import MoE
+from nanochat.moe import MoE, moe_layers
 from nanochat.mod import (MoDRouter, mod_tokens, topk_positions, gather_positions, scatter_positions, gather_rotary,
                           straight_through_gate, causal_stats, routed_attention_mask)
 
@@ -425,9 +425,8 @@ def build_model(config, device, expert_shard=None):
     briefly, while they are drawn), and the weights equal the same block of the whole model's."""
     model = meta_model(config)
     if expert_shard is not None:
-        for m in model.modules():
-            if isinstance(m, MoE):
-                m.keep_local_experts(*expert_shard)
+        for m in moe_layers(model):
+            m.keep_local_experts(*expert_shard)
     model.to_empty(device=device)
     model.init_weights()
     return model

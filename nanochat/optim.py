@@ -169,11 +169,9 @@ def optimizer_state_bytes(optimizers):
 def optimizer_state_mib_per_rank(optimizers, world_size, device):
     """[MiB of optimizer state on rank r for r in ranks] (a collective under torchrun)."""
     mine = torch.tensor([float(optimizer_state_bytes(optimizers))], device=device)
-    every = [torch.zeros_like(mine) for _ in range(world_size)]
+    every = [mine] if world_size == 1 else [torch.zeros_like(mine) for _ in range(world_size)]
     if world_size > 1:
         dist.all_gather(every, mine)
-    else:
-        every = [mine]
     return [round(t.item() / 2**20, 3) for t in every]
 
 

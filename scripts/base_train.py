@@ -275,6 +275,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
                               format_moe_stats, newly_dead_experts)
     from nanochat.mod import update_mod_thresholds
     from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_latest_step, set_rng_state, read_loader_states
+    from nanochat.expert_parallel import (ep_groups, enable_expert_parallel, sync_expert_grads, full_state_dict,
+                                          local_expert_slices)
 
     master = rank == 0
     torch.manual_seed(args.seed)
@@ -300,7 +302,6 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     config = init["config"] if init else config_from_args(args, tokenizer.get_vocab_size())
     ep = args.expert_parallel  # EP: each rank builds only its block of experts; the rest is replicated
     model = build_model(config, device, expert_shard=(rank % ep, ep) if ep > 1 else None)
-    from nanochat.expert_parallel import local_expert_slices
     load_slices = local_expert_slices(model)  # under EP: read only this rank's block of each expert tensor
     init_flops = 0.0  # FLOPs the weights cost before this run (the --init-from lineage): records are cumulative
     if init:
@@ -343,7 +344,6 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         print0(f"Entropy floor of the validation data: {entropy_floor:.4f} bits/byte (irreducible)")
 
     if ep > 1:
-        from nanochat.expert_parallel import ep_groups, enable_expert_parallel, sync_expert_grads, full_state_dict
         ep_group, replica_group = ep_groups(world_size, ep, rank)
         expert_params = enable_expert_parallel(model, ep, ep_group)
         n_local = sum(p.numel() for p in expert_params)
