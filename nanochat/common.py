@@ -200,6 +200,18 @@ def sync_device(device):
         torch.cuda.synchronize(device)
 
 
+def exit_distributed_worker():
+    """The end of a successful torchrun worker, after compute_cleanup: exit without the
+    interpreter's teardown. destroy_process_group does not free gloo's process group (torch
+    still holds references), so its worker threads outlive it; one that frees a finished
+    collective's tensors while the interpreter finalises needs the GIL and aborts the process
+    ("terminate called without an active exception", exit -6, ~1 run in 20; the gdb backtrace
+    is in dev/LOG.md). Everything of value is written and closed by now."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
         # Every rank reaches here before any tears its connections down: destroying the group

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (UserError, require, ArgumentParser, run_main, print0, get_base_dir, git_commit, check_device_type,
-                             get_dist_info, compute_init, compute_cleanup, DummyWandb, get_peak_flops, keep_freed_memory,
-                             atomic_write_json)
+                             get_dist_info, compute_init, compute_cleanup, exit_distributed_worker, DummyWandb, get_peak_flops,
+                             keep_freed_memory, atomic_write_json)
 from nanochat.model_args import add_model_args, validate_model_args, model_shape, config_from_args, resolve_init_from
 from nanochat.report import MetricsLog, peak_memory_mb, finite_or_none, format_step_line, training_summary_rows, summary_table
 
@@ -261,6 +261,8 @@ def main(argv=None):
         train(args, device_type, device, ddp, rank, world_size, init)
     finally:
         compute_cleanup()
+    if ddp:
+        exit_distributed_worker()
 
 
 def train(args, device_type, device, ddp, rank, world_size, init=None):
