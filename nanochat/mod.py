@@ -9,7 +9,7 @@ others pass it through the residual stream untouched. The block keeps all its pa
                gathered in position order with their own rotary positions, attending causally
                among themselves; the results are scattered back.
     gate       the chosen tokens' residual branches are multiplied by a straight-through
-               router weight 1 + s - stopgrad(s), s = sigmoid(r): exactly 1 in the forward
+               router weight 1 + (s - stopgrad(s)), s = sigmoid(r): exactly 1 in the forward
                pass, so the router is trained by the gradient of the block's output (as with
                Raposo's r * f(x)) but the output is not rescaled. Capacity 1.0 is therefore
                exactly the dense model (tested bit for bit), and a token's block output does
@@ -79,10 +79,17 @@ class MoDRouter(nn.Module):
         for buf in (self.threshold, self.updates, self.kth_sum):
             buf.zero_()
 
+    def param_roles(self):
+        """{role: [parameters]} for the optimizer: the router row goes with the MoE routers."""
+        return {"router": list(self.parameters())}
+
     def scores(self, xn):
         """(B, T, d) normed input -> (B, T) router scores, in fp32 even under autocast (as the
-        MoE router: bf16 would tie and flip near-equal scores)."""
-        return F.linear(xn.float(), self.router.weight.float()).squeeze(-1)
+        MoE router: bf16 would tie and flip near-equal scores, and a bf16 score makes a bf16
+        gate). Casting the operands is not enough: linear is on autocast's list and would run
+        in bf16 anyway, so autocast is switched off here (as in moe.route)."""
+        with torch.autocast(device_type=xn.device.type, enabled=False):
+            return F.linear(xn.float(), self.router.weight.float()).squeeze(-1)
 
     @torch.no_grad()
     def record_cut(self, scores, k):
@@ -143,9 +150,12 @@ def gather_rotary(cos_sin, positions):
 
 
 def straight_through_gate(scores):
-    """1 + s - stopgrad(s), s = sigmoid(scores): value 1, gradient ds/dscore."""
+    """1 + (s - stopgrad(s)), s = sigmoid(scores): value exactly 1, gradient ds/dscore.
+    The parentheses matter: s - stopgrad(s) is exactly 0, while (1 + s) - s rounds 1 + s
+    first and gives 1 - ulp for some scores (about a fifth of them in fp32, and 0.996 in bf16),
+    which would make capacity 1.0 differ from the dense model."""
     s = torch.sigmoid(scores)
-    return 1.0 + s - s.detach()
+    return 1.0 + (s - s.detach())
 
 
 def causal_stats(scores, positions, threshold):

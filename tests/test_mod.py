@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from nanochat.engine import KVCache, generate, new_kv_cache
 from nanochat.gpt import GPTConfig, build_model, describe_params, norm
-from nanochat.mod import (mod_tokens, topk_positions, straight_through_gate, causal_stats, routed_attention_mask,
-                          update_mod_thresholds, gather_positions, scatter_positions)
+from nanochat.mod import (MoDRouter, mod_tokens, topk_positions, straight_through_gate, causal_stats,
+                          routed_attention_mask, update_mod_thresholds, gather_positions, scatter_positions)
 from nanochat.optim import setup_optimizers
 
 V = 256
@@ -97,27 +97,112 @@ def test_training_processes_exactly_ct_tokens_and_matches_masked_reference(use_m
         assert torch.allclose(out[chosen], ref[chosen], atol=1e-5)
 
 
-def test_capacity_one_is_the_dense_model_exactly():
-    """Capacity 1.0: every token goes through every block with a gate of value exactly 1, so the
-    loss is the dense model's bit for bit. The gate's gradient reaches the residual stream only
-    through the router's weights: with a zero router every other gradient is the dense one too,
-    and the router itself still gets a gradient."""
-    dense = randomize(build_model(cfg(mod_capacity=0.0), "cpu"))
+def test_straight_through_gate_is_exactly_one():
+    """1 + s - stopgrad(s) rounds twice: (1 + s) is rounded before s is taken off again. The gate
+    must be exactly 1 for every score, in fp32 and in bf16."""
+    r = torch.randn(100_000, generator=torch.Generator().manual_seed(7)) * 4
+    for dtype in (torch.float32, torch.bfloat16):
+        g = straight_through_gate(r.to(dtype))
+        assert g.dtype == dtype and bool((g == 1).all()), dtype
+
+
+def test_router_scores_are_fp32_under_autocast():
+    router = MoDRouter(64)
+    torch.manual_seed(0)
+    router.init_weights()
+    xn = norm(torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(8)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = router.scores(xn)
+    assert scores.dtype == torch.float32
+    assert torch.equal(scores, xn @ router.router.weight[0])  # the fp32 computation, bit for bit
+
+
+def test_param_roles():
+    router = MoDRouter(64)
+    roles = router.param_roles()
+    assert list(roles) == ["router"] and [id(p) for p in roles["router"]] == [id(p) for p in router.parameters()]
+
+
+def _capacity_one_pair(seed=0):
+    """A dense model with random weights and the same model with every other block routed at
+    capacity 1.0, its routers random (non-zero) too."""
+    dense = randomize(build_model(cfg(mod_capacity=0.0), "cpu"), seed)
     mod = build_model(cfg(mod_capacity=1.0), "cpu")
     missing = mod.load_state_dict(dense.state_dict(), strict=False).missing_keys
     assert missing and all(".mod." in k for k in missing)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for i in mod.mod_layers():
+            w = mod.transformer.h[i].mod.router.weight
+            w.copy_(torch.randn(w.shape, generator=g))
+    return dense.train(), mod.train()
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_capacity_one_is_the_dense_model_exactly(autocast):
+    """Capacity 1.0: every token goes through every block with a gate of value exactly 1, so the
+    logits are the dense model's bit for bit, whatever the router scores."""
+    dense, mod = _capacity_one_pair()
     idx = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(2))
-    assert mod(idx, idx)[0].item() == dense(idx, idx)[0].item()  # random router: same forward
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with torch.no_grad(), ctx:
+        logits_mod, logits_dense = mod(idx), dense(idx)
+    assert torch.equal(logits_mod, logits_dense)
+
+
+def test_capacity_one_gradients():
+    """The gate's gradient reaches the residual stream only through the router's weights: with
+    a zero router every other gradient is the dense one too, and the router itself still gets a
+    gradient."""
+    dense, mod = _capacity_one_pair()
+    idx = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         for i in mod.mod_layers():
             mod.transformer.h[i].mod.router.weight.zero_()
     for model in (dense, mod):
-        model.train()
         ce, aux = model(idx, idx)
         ce.backward()
     for name, p in dense.named_parameters():
         assert torch.equal(p.grad, mod.get_parameter(name).grad), name
     assert mod.transformer.h[1].mod.router.weight.grad.abs().sum() > 0  # the router still learns through the gate
+
+
+def test_router_gradient_is_the_straight_through_one(monkeypatch):
+    """d loss / d w_router = sum over the chosen tokens of (d loss / d gate) * sigmoid'(r) * norm(x):
+    the gradient of Raposo et al.'s r * f(x), with the forward value of the gate kept at 1. The
+    reference measures d loss / d gate of one routed block by putting a plain ones tensor in
+    place of its gate (the other blocks keep theirs: a gate's gradient also reaches the
+    residual stream through the routers of the blocks above)."""
+    model = randomize(build_model(cfg(mod_capacity=0.5), "cpu")).train()
+    idx = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(9))
+    inputs = {}
+    hooks = [model.transformer.h[i].register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
+             for i in model.mod_layers()]
+    ce, _ = model(idx, idx)
+    ce.backward()
+    for h in hooks:
+        h.remove()
+    actual = {i: model.transformer.h[i].mod.router.weight.grad[0].clone() for i in model.mod_layers()}
+    k = mod_tokens(32, 0.5)
+    for n, i in enumerate(model.mod_layers()):
+        calls, ones = [], {}
+        def gate(scores):
+            calls.append(scores)
+            if len(calls) - 1 != n:
+                return straight_through_gate(scores)
+            ones["g"] = torch.ones_like(scores, requires_grad=True)
+            return ones["g"]
+        monkeypatch.setattr("nanochat.gpt.straight_through_gate", gate)
+        model.zero_grad()
+        ce_ref, _ = model(idx, idx)
+        ce_ref.backward()
+        assert torch.equal(ce_ref, ce)  # the gate's value is 1 either way
+        xn = norm(inputs[i])
+        positions = topk_positions(model.transformer.h[i].mod.scores(xn), k)
+        s = torch.sigmoid(calls[n].detach())
+        expected = ((ones["g"].grad * s * (1 - s))[..., None] * gather_positions(xn, positions)).sum(dim=(0, 1))
+        assert expected.abs().sum() > 0
+        assert torch.allclose(actual[i], expected, rtol=1e-5, atol=1e-8), i
 
 
 def test_threshold_is_the_running_mean_of_each_sequences_cut():
