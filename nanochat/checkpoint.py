@@ -9,15 +9,20 @@ Layout: <run>/checkpoints/step_000123/  (and best/, the lowest val bpb so far)
     meta.json             step, config, args, val bpb, world size, tokenizer; written LAST
 Every file is written to `name.tmp`, fsynced and renamed; a checkpoint counts as complete
 only once meta.json exists, so a crash mid-save leaves the previous checkpoint the latest.
+A full disk (or quota) is one line on every rank naming the step, the folder, the bytes a
+checkpoint needs and the last complete checkpoint; the partial folder is removed, and a save
+that visibly will not fit (shutil.disk_usage) is refused before anything is written.
 Optimizer states are identical on every rank (gradients are all-reduced before the
 update), so rank 0 saves them once, in optim.pt; with a sharded optimizer (--shard-optimizer)
 each rank holds its own part and saves optim_rank{r}.pt, and a resume must use the same
 number of processes (the split is by rank).
 """
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -64,24 +69,65 @@ def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, 
     """Save a complete checkpoint as <ckpt_dir>/<name> (default step_XXXXXX). With keep > 0,
     afterwards delete all but the newest `keep` complete step_ checkpoints (best/ is kept).
     sharded: every rank saves its own optimizer state (optim_rank{r}.pt). weights: the state
-    dict to save instead of model.state_dict() (expert parallelism: the gathered experts)."""
+    dict to save instead of model.state_dict() (expert parallelism: the gathered experts).
+    A full disk (or quota) is a UserError on every rank, before anything is written when the
+    free space is visibly too small, else after the partial folder is removed."""
     d = os.path.join(ckpt_dir, name) if name else _step_dir(ckpt_dir, step)
-    if rank == 0 and os.path.exists(os.path.join(d, "meta.json")):
-        os.remove(os.path.join(d, "meta.json"))  # overwriting (best/): incomplete until the new meta lands
-    if ddp:
-        dist.barrier()
-    os.makedirs(d, exist_ok=True)
+    meta_path = os.path.join(d, "meta.json")
+    # What the checkpoint needs on disk (rank 0 writes the weights; every rank with an optimizer
+    # file adds its own) and what resume would fall back to: known to every rank, so that all
+    # of them can raise the same error.
+    report = dict(optim=_tensor_bytes([o.state_dict() for o in optimizers]) if rank == 0 or sharded else 0)
     if rank == 0:
-        _write_weights(d, model, weights)
-    if rank == 0 or sharded:
-        optim_name = f"optim_rank{rank}.pt" if sharded else "optim.pt"
-        atomic_write(os.path.join(d, optim_name), lambda tmp: torch.save([o.state_dict() for o in optimizers], tmp))
-    atomic_write_json(os.path.join(d, f"loader_rank{rank}.json"), loader_state)
-    atomic_write_json(os.path.join(d, f"rng_rank{rank}.json"), rng_state())
+        steps = complete_steps(ckpt_dir)
+        report.update(weights=_tensor_bytes(weights if weights is not None else model.state_dict()),
+                      free=_free_bytes(ckpt_dir), last=_step_dir(ckpt_dir, steps[-1]) if steps else None)
+    reports = _gather(ddp, report)
+    needed = reports[0]["weights"] + sum(r["optim"] for r in reports)
+    free, last = reports[0]["free"], reports[0]["last"]
+    wanted = needed + needed // 20 + 2**20  # a margin for what is not counted: JSON files, headers
+    if free is not None and free < wanted:
+        reason = f"{_size(free)} free there, {_size(wanted)} wanted with a margin; nothing written"
+        raise UserError(_not_saved(step, d, reason, needed, last))
+    if rank == 0 and os.path.exists(meta_path):
+        os.remove(meta_path)  # overwriting (best/): incomplete until the new meta lands
     if ddp:
-        dist.barrier()  # every rank's files are in place before the checkpoint is declared complete
-    if rank == 0:
-        atomic_write_json(os.path.join(d, "meta.json"), meta)
+        dist.barrier()  # no rank writes into best/ while its old meta.json still calls it complete
+    error = None
+    try:
+        os.makedirs(d, exist_ok=True)
+        if rank == 0:
+            _write_weights(d, model, weights)
+        if rank == 0 or sharded:
+            _write_optimizer_state(os.path.join(d, f"optim_rank{rank}.pt" if sharded else "optim.pt"), optimizers)
+        atomic_write_json(os.path.join(d, f"loader_rank{rank}.json"), loader_state)
+        atomic_write_json(os.path.join(d, f"rng_rank{rank}.json"), rng_state())
+        if rank == 0:  # meta.json's bytes too (they can hit the full disk as well); renamed below
+            with open(meta_path + ".tmp", "w") as f:
+                f.write(json.dumps(meta, indent=2) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+    except Exception as e:  # kept until every rank has reported, so that no rank waits for one gone
+        error = e
+    code = _disk_full_errno(error)
+    outcomes = _gather(ddp, None if error is None else (code, f"{type(error).__name__}: {error}"))
+    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+    if failed:
+        full = [(r, c) for r, (c, _) in failed if c is not None]
+        if full and rank == 0:
+            shutil.rmtree(d, ignore_errors=True)  # the partial folder, .tmp files included: space back
+        if ddp:
+            dist.barrier()  # every rank has stopped writing, and the folder is gone, before any rank leaves
+        if error is not None and code is None:
+            raise error
+        if full:
+            r, c = full[0]
+            where = f" (rank {r})" if ddp else ""
+            raise UserError(_not_saved(step, d, f"{os.strerror(c)}{where}, removed the partial folder", needed, last))
+        r, (_, what) = failed[0]
+        raise RuntimeError(f"checkpoint {d} not saved: rank {r} failed writing its files ({what})")
+    if rank == 0:  # every rank's files are in place: the checkpoint is complete
+        os.replace(meta_path + ".tmp", meta_path)
         print0(f"Saved checkpoint {d}")
         if keep > 0:
             # a checkpoint without optimizer state is a grown model's step 0 (scripts/grow.py):
@@ -89,6 +135,96 @@ def save_checkpoint(ckpt_dir, step, model, optimizers, rank, ddp, loader_state, 
             trained = [s for s in complete_steps(ckpt_dir) if has_optimizer_state(_step_dir(ckpt_dir, s))]
             for old in trained[:-keep]:
                 shutil.rmtree(_step_dir(ckpt_dir, old), ignore_errors=True)
+
+
+def _not_saved(step, d, reason, needed, last):
+    """The one line of a checkpoint that did not fit on the disk."""
+    fallback = f"the last complete checkpoint is {last}" if last else "there is no complete checkpoint yet"
+    return (f"checkpoint of step {step} not saved to {d}: {reason}; a checkpoint needs {_size(needed)} "
+            f"({needed} bytes of weights and optimizer state); {fallback}; free some disk space "
+            f"(--keep-checkpoints N keeps only the newest N)")
+
+
+def _gather(ddp, obj):
+    """obj from every rank, in rank order (a collective: every rank must call it)."""
+    if not ddp:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _tensor_bytes(obj):
+    """Bytes of the tensors in a (nested) state dict: what its file takes, less the headers."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _free_bytes(path):
+    """Free bytes on the disk that holds path (which may not exist yet); None when unknown."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _size(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full_errno(e):
+    """ENOSPC or EDQUOT when e is a write that failed for lack of space, else None. safetensors
+    raises SafetensorError('... No space left on device (os error 28)'), the rest OSError."""
+    code = e.errno if isinstance(e, OSError) else None
+    if isinstance(e, SafetensorError) and (m := re.search(r"\(os error (\d+)\)", str(e))):
+        code = int(m.group(1))
+    return code if code in DISK_FULL else None
+
+
+class _WriteErrorRecorder:
+    """A file for torch.save that keeps the OSError of a failed write: torch turns it into a
+    RuntimeError ('[enforce fail at inline_container.cc] unexpected pos ...') that has lost
+    the reason (a full disk, or anything else)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def _write_optimizer_state(path, optimizers):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            out = _WriteErrorRecorder(f)
+            try:
+                torch.save([o.state_dict() for o in optimizers], out)
+            except RuntimeError as e:
+                if _disk_full_errno(out.error):
+                    raise out.error from e
+                raise
+    atomic_write(path, write)
 
 
 def _write_weights(d, model, weights=None):

@@ -1,12 +1,21 @@
 """Tests for nanochat/checkpoint.py: exact round trip of weights, optimizer states and loader
-state; meta.json as the completion marker; clear errors on corrupted or unsafe files."""
+state; meta.json as the completion marker; clear errors on corrupted or unsafe files and on a
+full disk."""
 
+import errno
 import json
 import os
 import pickle
+import shutil
+import socket
+import stat
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import nanochat.checkpoint as ckpt
@@ -348,3 +357,201 @@ def test_rng_states_round_trip_through_json(tmp_path):
     ckpt.set_rng_state(meta["rng_state"])
     got = (random.random(), float(np.random.rand()), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk: one line naming the step, the folder, the bytes needed and the last good checkpoint
+
+
+def tensor_bytes(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def checkpoint_size(model, optimizers):
+    """Weights + optimizer states: what a checkpoint's files hold, less a little metadata."""
+    return tensor_bytes(model.state_dict()) + tensor_bytes([o.state_dict() for o in optimizers])
+
+
+def files(folder):
+    """{relative path: bytes} of everything under folder."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(root, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, folder)] = f.read()
+    return out
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def boom(*args, **kwargs):
+    raise OSError("disk full")
+
+
+real_atomic_write_json = ckpt.atomic_write_json
+
+
+def edquot_on_rng(path, obj):
+    if os.path.basename(path).startswith("rng_"):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    real_atomic_write_json(path, obj)
+
+
+def safetensors_full(*args, **kwargs):  # what safetensors really raises on a full disk (a 2 MiB tmpfs)
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+FULL_DISK = {  # where the save fails -> (module, attribute, replacement, the reason printed)
+    "torch.save": (ckpt.torch, "save", enospc, "No space left on device"),
+    "save_file": (ckpt, "save_file", enospc, "No space left on device"),
+    "save_file (rust error)": (ckpt, "save_file", safetensors_full, "No space left on device"),
+    "rng json (quota)": (ckpt, "atomic_write_json", edquot_on_rng, "Disk quota exceeded"),
+}
+
+
+@pytest.mark.parametrize("where", FULL_DISK)
+def test_full_disk_mid_save_is_one_line_and_removes_the_partial_folder(tmp_path, monkeypatch, where):
+    model, optimizers = make()
+    train_steps(model, optimizers, n=1)
+    save(tmp_path, 10, model, optimizers)
+    before = files(tmp_path)
+    module, attr, fail, reason = FULL_DISK[where]
+    monkeypatch.setattr(module, attr, fail)
+    with pytest.raises(UserError) as e:
+        save(tmp_path, 20, model, optimizers)
+    monkeypatch.undo()
+    msg = str(e.value)
+    assert "\n" not in msg and "step 20" in msg and reason in msg
+    assert str(tmp_path / "step_000020") in msg
+    assert f"{checkpoint_size(model, optimizers)} bytes" in msg
+    assert str(tmp_path / "step_000010") in msg  # the last complete checkpoint, which resume takes
+    assert not os.path.exists(tmp_path / "step_000020")  # partial folder and its .tmp files gone
+    assert files(tmp_path) == before  # the earlier checkpoint is untouched
+    assert find_latest_step(str(tmp_path)) == 10
+    assert load_checkpoint(str(tmp_path), 10, *make(seed=3), rank=0, device="cpu")["step"] == 10
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_real_torch_save_on_a_full_device_is_recognised(tmp_path):
+    """torch.save to a full disk raises RuntimeError('... inline_container.cc ... unexpected pos'),
+    which does not say why; the real write error must still be told apart from other failures."""
+    model, optimizers = make()
+    train_steps(model, optimizers, n=1)
+    d = tmp_path / "step_000001"
+    d.mkdir()
+    os.symlink("/dev/full", d / "optim.pt.tmp")  # every write to /dev/full fails with ENOSPC
+    with pytest.raises(UserError) as e:
+        save(tmp_path, 1, model, optimizers)
+    msg = str(e.value)
+    assert "No space left on device" in msg and str(d) in msg and "no complete checkpoint" in msg
+    assert f"{checkpoint_size(model, optimizers)} bytes" in msg
+    assert not os.path.exists(d) and stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+def test_too_little_free_space_refuses_before_writing_anything(tmp_path, monkeypatch):
+    model, optimizers = make()
+    train_steps(model, optimizers, n=1)
+    save(tmp_path, 10, model, optimizers)
+    save_checkpoint(str(tmp_path), 10, model, optimizers, rank=0, ddp=False, loader_state=None,
+                    meta=dict(step=10), name="best")
+    before = files(tmp_path)
+    needed = checkpoint_size(model, optimizers)
+    real = shutil.disk_usage
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: real(p)._replace(free=needed // 2))
+    monkeypatch.setattr(ckpt, "save_file", enospc)  # nothing may even be tried
+    monkeypatch.setattr(ckpt.torch, "save", enospc)
+    for name, folder in [(None, "step_000020"), ("best", "best")]:
+        with pytest.raises(UserError) as e:
+            save_checkpoint(str(tmp_path), 20, model, optimizers, rank=0, ddp=False, loader_state=None,
+                            meta=dict(step=20), name=name)
+        msg = str(e.value)
+        assert "\n" not in msg and "step 20" in msg and str(tmp_path / folder) in msg
+        assert f"{needed} bytes" in msg and str(tmp_path / "step_000010") in msg
+        assert files(tmp_path) == before  # nothing written, and best/ still complete
+    monkeypatch.undo()
+    assert find_latest_step(str(tmp_path)) == 10
+    # with enough room it saves
+    save(tmp_path, 20, model, optimizers)
+    assert find_latest_step(str(tmp_path)) == 20
+
+
+def test_too_little_free_space_for_a_first_checkpoint(tmp_path, monkeypatch):
+    model, optimizers = make()
+    real = shutil.disk_usage
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    ckpt_dir = tmp_path / "run" / "checkpoints"  # not created yet: the first save of a run
+    with pytest.raises(UserError, match="no complete checkpoint") as e:
+        save(ckpt_dir, 5, model, optimizers)
+    assert str(ckpt_dir / "step_000005") in str(e.value)
+    assert not os.path.exists(ckpt_dir)
+
+
+def _full_disk_worker(rank, port, out):
+    """Two ranks (gloo), sharded optimizer files: rank 1's disk fills up, then rank 0's pre-save
+    check refuses; each time both ranks must raise the same one-line error (no hang). Then rank
+    1 fails otherwise: its error is unchanged, rank 0 hears of it. A last save must still work
+    (the ranks' collectives stayed in step)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    model, optimizers = make()
+    train_steps(model, optimizers, n=1)
+    results = []
+
+    def attempt(step):
+        try:
+            save_checkpoint(out, step, model, optimizers, rank=rank, ddp=True, loader_state=LOADER_STATE,
+                            meta=dict(step=step), sharded=True)
+            results.append("saved")
+        except Exception as e:
+            results.append(f"{type(e).__name__}: {e}")
+
+    attempt(1)
+    real_save = torch.save
+    if rank == 1:
+        ckpt.torch.save = enospc
+    attempt(2)
+    ckpt.torch.save = real_save
+    real_usage = shutil.disk_usage
+    if rank == 0:
+        ckpt.shutil.disk_usage = lambda p: real_usage(p)._replace(free=0)
+    attempt(3)
+    ckpt.shutil.disk_usage = real_usage
+    if rank == 1:
+        ckpt.torch.save = boom
+    attempt(4)
+    ckpt.torch.save = real_save
+    attempt(5)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def test_full_disk_under_two_ranks_gives_every_rank_the_same_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    mp.spawn(_full_disk_worker, args=(port, str(ckpt_dir)), nprocs=2, join=True)
+    r0, r1 = (json.loads((ckpt_dir / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0[:3] == r1[:3], (r0, r1)
+    assert r0[0] == "saved" and r0[4] == r1[4] == "saved"
+    for step in (2, 3):
+        assert r0[step - 1].startswith("UserError: ") and str(ckpt_dir / f"step_00000{step}") in r0[step - 1]
+        assert str(ckpt_dir / "step_000001") in r0[step - 1]
+        assert not os.path.exists(ckpt_dir / f"step_00000{step}")
+    assert "No space left on device" in r0[1]
+    assert r1[3] == "OSError: disk full"  # not a full disk (no errno): raised as it was
+    assert r0[3].startswith("RuntimeError: ") and "rank 1" in r0[3] and "OSError: disk full" in r0[3]
+    assert ckpt.complete_steps(str(ckpt_dir)) == [1, 5]  # step 4 left incomplete, as any crash does
+    assert sorted(f for f in os.listdir(ckpt_dir / "step_000005") if f.startswith("optim")) == ["optim_rank0.pt", "optim_rank1.pt"]
