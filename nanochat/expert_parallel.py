@@ -2,7 +2,7 @@
 Expert parallelism (GShard, Lepikhin et al. 2020; torchtitan's "EP"): the experts of every MoE
 layer are split over the N ranks of an EP group (consecutive ranks; N divides the world). Every
 rank reads its own data and routes its own tokens with the replicated router; the MoE's expert
-seam (MoE.expert_mlp) is replaced by `exchange_experts`:
+seam (MoE.run_experts, expert_path "expert_parallel") runs `exchange_experts`:
 
     1. each rank's assignments are already sorted by (global) expert; the per-expert counts go
        to every rank first (all_to_all of N x E/N counts), so each knows what it will receive
@@ -89,7 +89,7 @@ def enable_expert_parallel(model, ep_size, ep_group):
     for m in moe_layers(model):
         assert m.local_experts is not None and m.w_fc.size(0) * ep_size == m.n_experts, \
             "build the model with build_model(config, device, expert_shard=(ep_rank, ep_size))"
-        m.expert_mlp = lambda x, w_fc, w_proj, offsets: exchange_experts(x, w_fc, w_proj, offsets, ep_group, ep_size)
+        m.expert_path, m.ep_group, m.ep_size = "expert_parallel", ep_group, ep_size
         local += [m.w_fc, m.w_proj]
     return local
 

@@ -3,13 +3,15 @@ FP8 training for linear layers via torchao's float8 conversion.
 
 Dense linears are converted through `fp8_module_filter` (torchao Float8Linear). Not converted:
 - expert weights: stacked (E, out, in) parameters, not nn.Linear modules, so the filter never
-  sees them. convert_to_fp8 sets each MoE's `expert_mlp` seam to `expert_mlp_fp8`: torchao's
+  sees them. convert_to_fp8 sets each MoE's expert seam to "fp8" (MoE.run_experts calls
+  `expert_mlp_fp8`): torchao's
   FP8 rowwise *grouped* GEMM, which needs every expert's group of rows to be a multiple of 16:
   `pad_token_groups` places each group at a 16-aligned start in a buffer of fixed size
   N*k + 16*E (static shape for torch.compile). An expert with no tokens
   gets 16 zero rows rather than an empty group, so its scales and weight gradient (zeros) are
   computed like any other's: the failure of earlier FP8 MoE code on idle experts cannot occur;
-- the router: tiny (n_experts x d), and routing decisions are precision-sensitive;
+- the routers (MoE gates, MoD routers: the model's "router" role, GPT.param_roles): tiny
+  (n_experts x d), and routing decisions are precision-sensitive;
 - any linear (or expert) whose dimensions are not divisible by 16 (FP8 tensor-core GEMMs).
 torchao is imported only when --fp8 is asked for: on CPU its import prints CUDA warnings.
 """
@@ -18,14 +20,15 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import UserError
-from nanochat.moe import MoE, group_sizes
+from nanochat.moe import moe_layers, group_sizes, relu2
 
 
-def fp8_module_filter(module, fqn):
-    """True when the module at dotted name `fqn` should be converted to float8 training."""
-    if not isinstance(module, nn.Linear):
-        return False
-    if "router" in fqn.split(".") or "mod" in fqn.split("."):  # routers (MoE and MoD): small classifiers, fp32
+def fp8_module_filter(module, fqn, precise=()):
+    """True when the module at dotted name `fqn` should be converted to float8 training: an
+    nn.Linear with dimensions divisible by 16 whose weight is not in `precise` (the parameters
+    that stay in high precision: the model's routers, see convert_to_fp8). torchao calls it as
+    module_filter_fn(module, fqn)."""
+    if not isinstance(module, nn.Linear) or any(module.weight is p for p in precise):
         return False
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
@@ -49,15 +52,18 @@ def convert_to_fp8(model):
     the MoE experts whose widths divide by 16 to the FP8 grouped GEMM. Returns (linear names,
     expert layer names), for the startup log."""
     from torchao.float8 import convert_to_float8_training
-    candidates = [name for name, mod in model.named_modules() if fp8_module_filter(mod, name)]
-    convert_to_float8_training(model, module_filter_fn=fp8_module_filter)
+    routers = model.param_roles()["router"]
+    keep = lambda mod, fqn: fp8_module_filter(mod, fqn, precise=routers)
+    candidates = [name for name, mod in model.named_modules() if keep(mod, name)]
+    convert_to_float8_training(model, module_filter_fn=keep)
+    names = {mod: name for name, mod in model.named_modules()}
     experts = []
-    for name, mod in model.named_modules():
+    for mod in moe_layers(model):
         # the dropless path only: with a capacity factor, training runs its experts as a padded
         # bmm (bf16), and evaluation's dropless path then stays bf16 as well
-        if isinstance(mod, MoE) and mod.capacity_factor == 0 and mod.w_fc.size(1) % 16 == 0 and mod.w_fc.size(2) % 16 == 0:
-            mod.expert_mlp = expert_mlp_fp8
-            experts.append(name)
+        if mod.capacity_factor == 0 and mod.w_fc.size(1) % 16 == 0 and mod.w_fc.size(2) % 16 == 0:
+            mod.expert_path = "fp8"
+            experts.append(names[mod])
     return candidates, experts
 
 
@@ -105,6 +111,6 @@ def expert_mlp_fp8(x_sorted, w_fc, w_proj, offsets, grouped_mm=None):
     x_pad = x_sorted.new_zeros(n_padded, d).index_copy(0, dest, x_sorted)
     # (E, out, in).transpose -> (E, in, out) with column-major groups: the layout torchao wants
     h = grouped_mm(x_pad, w_fc.transpose(-2, -1), padded_offsets)
-    h = torch.relu(h).square()
+    h = relu2(h)
     y_pad = grouped_mm(h, w_proj.transpose(-2, -1), padded_offsets)
     return y_pad.index_select(0, dest)

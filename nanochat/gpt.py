@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.mamba import Mamba2
-from nanochat.moe import MoE, moe_layers
+from nanochat.moe import MoE, moe_layers, relu2
 from nanochat.mod import (MoDRouter, mod_tokens, topk_positions, gather_positions, scatter_positions, gather_rotary,
                           straight_through_gate, causal_stats, routed_attention_mask)
 
@@ -26,26 +26,36 @@ class GPTConfig:
     sequence_len: int = 1024
     vocab_size: int = 50304
     n_layer: int = 12
-    n_head: int = 6       # query heads
-    n_kv_head: int = 6    # key/value heads (GQA when < n_head)
+    n_head: int = 12      # query heads (head dim n_embd / n_head = 64)
+    n_kv_head: int = 12   # key/value heads (GQA when < n_head)
     n_embd: int = 768
     # MoE (contract): every moe_freq-th layer (1 = all) swaps its MLP for top-k of n_experts,
     # each of hidden width expert_hidden_mult * n_embd. The dense MLP is 4 * n_embd wide, so
     # (expert_topk + n_shared_experts) * expert_hidden_mult == 4 is iso-FLOPs with the dense
-    # model (+ the router).
+    # model (+ the router): 2.0 for the default top-2.
     use_moe: bool = False
     n_experts: int = 8
     expert_topk: int = 2
     moe_freq: int = 1
-    expert_hidden_mult: float = 4
+    expert_hidden_mult: float = 2.0
     # Routing variants (see nanochat/moe.py): softmax|sigmoid scores, a scale on the combine
-    # weights, always-on shared experts, the aux-loss-free balancing bias update rate (0 = off;
-    # the update itself runs in the trainer), and a capacity factor (0 = dropless).
-    router: str = "softmax"
+    # weights, always-on shared experts, the aux-loss-free balancing bias's update rate per
+    # optimizer step (0 = no updates; a trained bias is still used to choose), and a capacity
+    # factor (0 = dropless). Defaults: sigmoid scores balanced by the aux-free bias (DeepSeek-V3),
+    # chosen by the techmix study (dev/LOG.md 2026-11-26): the loss of softmax + Switch within
+    # seed noise, load CV ~0.1 instead of ~0.5, faster steps. Switch instead: router="softmax",
+    # aux_free_bias=0, balance_loss_coeff=0.01.
+    router: str = "sigmoid"
     route_scale: float = 1.0
     n_shared_experts: int = 0
-    aux_free_bias: float = 0.0
+    aux_free_bias: float = 0.01
     capacity_factor: float = 0.0
+    # Loss weights of a training step (GPT.training_loss): the Switch balance loss and the
+    # router z-loss (ST-MoE), each per MoE layer, and the mean MTP head loss (DeepSeek-V3 starts
+    # at 0.3). Training-time choices: they do not change the function the weights compute.
+    balance_loss_coeff: float = 0.0
+    router_z_loss: float = 0.0
+    mtp_weight: float = 0.3
     # Multi-token prediction (Gloeckle et al. 2024): mtp_heads extra heads, head i predicting
     # token t+1+i from the trunk's last hidden state through its own dense transformer block
     # and the shared lm_head. Training only: logits, val bpb and generation are next-token.
@@ -156,7 +166,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(relu2(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -283,12 +293,57 @@ class GPT(nn.Module):
         freqs = torch.outer(t, inv_freq)
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
 
+    # ------------------------------------------------------------------ parameter roles
+
+    # What each role means to the optimizer (nanochat/optim.py reads this; nothing else decides):
+    #   embedding, lm_head  AdamW, lrs scaled by 1/sqrt(d/768) (lookups and the classifier)
+    #   matrix              Muon: hidden 2-D weights and stacked (E, out, in) expert weights
+    #   router              AdamW at the router lr: MoE gates and MoD routers (small classifiers
+    #                       whose rows should move at their own gradients' rate; see optim.py)
+    #   conv                AdamW at the scalar lr: Mamba-2's depthwise conv (not a matrix)
+    #   no_decay            AdamW at the scalar lr, never weight-decayed: Mamba-2's A_log, D,
+    #                       dt_bias (the reference marks them _no_weight_decay)
+    ROLES = ("embedding", "lm_head", "matrix", "router", "conv", "no_decay")
+
+    def param_roles(self):
+        """{role: [parameters]}, every parameter in exactly one role. Each block's modules
+        declare their own (MoE, MoDRouter, Mamba2 have param_roles); a module without one is all
+        matrices (attention, the dense MLP). A new parameter gets its role here, once."""
+        roles = {role: [] for role in self.ROLES}
+        roles["embedding"].append(self.transformer.wte.weight)
+        roles["lm_head"].append(self.lm_head.weight)
+        for block in [*self.transformer.h, *self.mtp]:
+            for module in block.children():
+                declared = module.param_roles() if hasattr(module, "param_roles") else {"matrix": list(module.parameters())}
+                for role, params in declared.items():
+                    roles[role].extend(params)
+        assigned = [p for params in roles.values() for p in params]
+        assert len(assigned) == len({id(p) for p in assigned}) == len(list(self.parameters())), \
+            "every parameter needs exactly one role (GPT.param_roles)"
+        return roles
+
+    def training_loss(self, ce, aux):
+        """The loss a training step minimises, from forward's (cross_entropy, aux): the
+        next-token loss + balance_loss_coeff x the balance loss + router_z_loss x the z-loss
+        (both sums over MoE layers, so each layer's router feels the full coefficient) +
+        mtp_weight x the mean MTP head loss. The coefficients are the config's."""
+        cfg = self.config
+        loss = ce
+        if cfg.use_moe:
+            loss = loss + cfg.balance_loss_coeff * aux["balance_loss"] + cfg.router_z_loss * aux["z_loss"]
+        if cfg.mtp_heads:
+            loss = loss + cfg.mtp_weight * aux["mtp_losses"].mean()
+        return loss
+
     # ------------------------------------------------------------------ accounting
 
     def num_scaling_params(self):
         """Parameter counts (contract): total, moe_inactive (the experts a token does not use:
         per MoE layer (n_experts - expert_topk) x one routed expert) and active_total, plus
-        parts. Shared experts run for every token: they are active, never inactive."""
+        parts. Shared experts run for every token: they are active, never inactive.
+        data_ratio_params: what --target-param-data-ratio multiplies, active_total without the
+        embedding (a lookup) and the MTP heads (training only: the model they train has none).
+        adamw: the parameters AdamW keeps two moments for (every role but "matrix", Muon's)."""
         counts = {"wte": self.transformer.wte.weight.numel(), "lm_head": self.lm_head.weight.numel(),
                   "attn": 0, "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "moe_inactive": 0,
                   "mtp": sum(p.numel() for p in self.mtp.parameters()), "mod": 0, "mamba": 0}
@@ -308,6 +363,8 @@ class GPT(nn.Module):
                 counts["mlp"] += sum(p.numel() for p in block.mlp.parameters())
         counts["total"] = sum(p.numel() for p in self.parameters())
         counts["active_total"] = counts["total"] - counts["moe_inactive"]
+        counts["data_ratio_params"] = counts["active_total"] - counts["wte"] - counts["mtp"]
+        counts["adamw"] = sum(p.numel() for role, params in self.param_roles().items() if role != "matrix" for p in params)
         return counts
 
     def estimate_flops(self):
@@ -328,7 +385,8 @@ class GPT(nn.Module):
         flops = 6 * lm_head * (1 + cfg.mtp_heads)
         flops += sum(6 * sum(p.numel() for p in head.parameters()) + attention(cfg.sequence_len) for head in self.mtp)
         for block in self.transformer.h:
-            active = sum(p.numel() for name, p in block.named_parameters() if not name.startswith(("mod.", "mamba.")))
+            mixer = [] if block.is_mamba else list(block.attn.parameters())  # Mamba: flops_per_token below
+            active = sum(p.numel() for p in [*mixer, *block.mlp.parameters()])
             if block.is_moe:
                 active -= block.mlp.param_counts()["inactive"]
             if block.is_mamba:

@@ -14,6 +14,8 @@ function (model) -> new model with a new GPTConfig, and the check that proves it
                  function-preserving variant, so their speed-ups are not ours to claim.)
     verify       max |logits(grown) - logits(source)| on real batches, fp32; for an MoE source
                  with the source's expert choices forced, plus how many choices flip unforced.
+    verify_autocast  the same under bf16 autocast (how CUDA trains), next to the source's own
+                 bf16-vs-fp32 gap: a report, since bf16 rounding is not preserved exactly.
 
 Why the width growth is exact here: every weight that writes the residual stream writes the
 same thing into each copy, so the stream stays [x, x]; RMSNorm without weights gives
@@ -123,12 +125,14 @@ def grow_width(model, mult, seed=0):
     g = torch.Generator().manual_seed(seed)
     new = _new_model(model, n_embd=cfg.n_embd * mult, n_head=cfg.n_head * mult, n_kv_head=cfg.n_kv_head * mult)
     old_state = model.state_dict()
+    role_of = {id(p): role for role, params in model.param_roles().items() for p in params}
+    roles = {name: role_of[id(p)] for name, p in model.named_parameters()}  # buffers have none
     new_state = {}
     for name, w in old_state.items():
         leaf = name.rsplit(".", 1)[-1]
-        if name == "transformer.wte.weight":          # (V, d): writes the stream, copied
+        if roles.get(name) == "embedding":            # (V, d): writes the stream, copied
             new_state[name] = torch.cat([w] * mult, dim=1)
-        elif name == "lm_head.weight" or name.endswith("router.weight"):  # read the stream, split
+        elif roles.get(name) in ("lm_head", "router"):  # read the stream, split
             new_state[name] = _widen(w, mult, g, dup_out=False)
         elif leaf == "expert_bias":                    # per expert: unchanged
             new_state[name] = w
@@ -205,7 +209,7 @@ def record_choices(model, idx):
         def hook(m, args, i=i):
             x = args[0].reshape(-1, args[0].size(-1))
             choices[i] = route(x, m.router.weight, m.topk, m.router_kind,
-                               m.expert_bias if m.use_bias else None, m.route_scale)[1]
+                               m.expert_bias, m.route_scale)[1]
         hooks.append(moe.register_forward_pre_hook(hook))
     try:
         model(idx)
@@ -255,3 +259,47 @@ def verify(source, grown, batches, layer_map=None):
             forced = unforced
         out["max_abs_diff"] = max(out["max_abs_diff"], (forced - ref).abs().max().item())
     return out
+
+
+@torch.no_grad()
+def verify_autocast(source, grown, batches, layer_map=None, dtype=torch.bfloat16):
+    """The same comparison in the dtype CUDA trains in (base_train: bf16 autocast), on the
+    batches' device: max |logits(grown) - logits(source)| with both under autocast and nothing
+    forced, next to the source's own autocast-vs-fp32 gap as the yardstick. The transforms are
+    exact in real arithmetic, not in bf16: a grown model sums differently split weights and
+    wider dot products, so its rounding differs from its source's; a near-tied top-k choice can
+    flip and move a token's logits by far more than rounding. What a bf16 run starts from is
+    this function, so it is reported, not judged: a gap near the yardstick is rounding.
+    Returns dict(dtype, max_abs_diff, source_gap, flips, choices, source_flips)."""
+    layer_map = layer_map or {}
+    source.eval()
+    grown.eval()
+    has_moe = bool(_moe_blocks(source))
+    autocast = lambda: torch.autocast(device_type=batches[0].device.type, dtype=dtype)
+    out = dict(dtype=str(dtype).removeprefix("torch."), max_abs_diff=0.0, source_gap=0.0, flips=0, choices=0,
+               source_flips=0)
+    for idx in batches:
+        ref32 = source(idx).float()
+        with autocast():
+            ref = source(idx).float()
+            got = grown(idx).float()
+        out["max_abs_diff"] = max(out["max_abs_diff"], (got - ref).abs().max().item())
+        out["source_gap"] = max(out["source_gap"], (ref - ref32).abs().max().item())
+        if has_moe:
+            src32 = record_choices(source, idx)
+            with autocast():
+                src, new = record_choices(source, idx), record_choices(grown, idx)
+            out["flips"] += count_flips(src, new, layer_map)
+            out["source_flips"] += count_flips(src32, src, {})
+            out["choices"] += sum(c.numel() for c in src.values())
+    return out
+
+
+def autocast_line(r):
+    """The one-line report of verify_autocast (scripts/grow.py prints it above the fp32 verdict)."""
+    line = (f"training dtype ({r['dtype']} autocast): max abs logit difference {r['max_abs_diff']:.3g} "
+            f"(the source's own {r['dtype']}-vs-fp32 gap: {r['source_gap']:.3g})")
+    if r["choices"]:
+        line += (f"; expert choices: {r['flips']:,} of {r['choices']:,} flip "
+                 f"(the source's own {r['dtype']}-vs-fp32: {r['source_flips']:,})")
+    return line

@@ -197,20 +197,23 @@ def _compute_dtype(x):
     return x.dtype
 
 
+def relu2(x):
+    """The MLP nonlinearity, dense and experts alike: relu(x)^2 (So et al. 2021, Primer)."""
+    return F.relu(x).square()
+
+
 def expert_mlp(x_sorted, w_fc, w_proj, offsets):
-    """The experts, all at once: relu(x W_fc^T)^2 W_proj^T per expert group (same form as the
+    """The experts, all at once: relu2(x W_fc^T) W_proj^T per expert group (same form as the
     dense MLP), over rows sorted by expert."""
     dtype = _compute_dtype(x_sorted)
-    h = grouped_linear(x_sorted.to(dtype), w_fc.to(dtype), offsets)
-    h = F.relu(h).square()
+    h = relu2(grouped_linear(x_sorted.to(dtype), w_fc.to(dtype), offsets))
     return grouped_linear(h, w_proj.to(dtype), offsets)
 
 
 def expert_mlp_padded(x_slots, w_fc, w_proj):
     """The experts on a fixed (E, C, d) buffer: two batched matmuls, no jagged shapes."""
     dtype = _compute_dtype(x_slots)
-    h = torch.bmm(x_slots.to(dtype), w_fc.to(dtype).transpose(1, 2))
-    h = F.relu(h).square()
+    h = relu2(torch.bmm(x_slots.to(dtype), w_fc.to(dtype).transpose(1, 2)))
     return torch.bmm(h, w_proj.to(dtype).transpose(1, 2))
 
 
@@ -253,16 +256,19 @@ class MoE(nn.Module):
         if self.n_shared:
             self.shared_fc = nn.Linear(d, self.n_shared * self.hidden, bias=False)
             self.shared_proj = nn.Linear(self.n_shared * self.hidden, d, bias=False)
-        # Aux-loss-free balancing bias: used only to choose experts, moved by the trainer after
-        # each optimizer step (update_expert_bias), saved with the weights (persistent buffer).
+        # Aux-loss-free balancing bias: used only to choose experts, moved once per optimizer step
+        # at the rate config.aux_free_bias (update_expert_bias; 0 = never moved), saved with the
+        # weights (persistent buffer). Always used to choose: a trained bias is part of the
+        # function the weights compute, whatever the rate of a run that continues from them;
+        # an untrained one is zero and changes nothing.
         self.register_buffer("expert_bias", torch.zeros(config.n_experts), persistent=True)
-        self.use_bias = config.aux_free_bias > 0
         # Verification only (nanochat/grow.py): (B*T, k) expert ids to use instead of choosing.
         self.forced_expert_ids = None
-        # The dropless experts' computation, (x_sorted, w_fc, w_proj, offsets) -> y_sorted: a seam
-        # that another implementation can take over (nanochat.fp8.convert_to_fp8 puts the FP8
-        # grouped GEMM here), so this module needs to know nothing about it.
-        self.expert_mlp = expert_mlp
+        # Which implementation runs the dropless experts (run_experts): "grouped" (expert_mlp
+        # here), "fp8" (set by nanochat.fp8.convert_to_fp8) or "expert_parallel" (set by
+        # nanochat.expert_parallel.enable_expert_parallel, with ep_group/ep_size).
+        self.expert_path = "grouped"
+        self.ep_group, self.ep_size = None, 1
         # Expert parallelism (nanochat/expert_parallel.py): the block of global experts this
         # rank holds, or None (all of them)
         self.local_experts = None
@@ -311,6 +317,23 @@ class MoE(nn.Module):
         self.w_fc = nn.Parameter(self.w_fc.detach()[self.local_experts].clone())
         self.w_proj = nn.Parameter(self.w_proj.detach()[self.local_experts].clone())
 
+    def param_roles(self):
+        """Optimizer roles (GPT.param_roles): the gate is a router (AdamW), the rest matrices."""
+        return {"router": [self.router.weight], "matrix": [p for p in self.parameters() if p is not self.router.weight]}
+
+    def run_experts(self, x_sorted, offsets):
+        """The dropless experts on rows sorted by expert, by self.expert_path (the seam other
+        implementations plug into by name; imported here, where used, since they import this
+        module): y_sorted (M, d)."""
+        if self.expert_path == "fp8":
+            from nanochat.fp8 import expert_mlp_fp8
+            return expert_mlp_fp8(x_sorted, self.w_fc, self.w_proj, offsets)
+        if self.expert_path == "expert_parallel":
+            from nanochat.expert_parallel import exchange_experts
+            return exchange_experts(x_sorted, self.w_fc, self.w_proj, offsets, self.ep_group, self.ep_size)
+        assert self.expert_path == "grouped", f"unknown expert path {self.expert_path!r}"
+        return expert_mlp(x_sorted, self.w_fc, self.w_proj, offsets)
+
     def param_counts(self):
         """{experts, shared_experts, router, inactive}: inactive = the routed experts a token
         does not use, (n_experts - topk) of them. Shared experts run for every token."""
@@ -324,7 +347,7 @@ class MoE(nn.Module):
         x_flat = x.reshape(B * T, d)
         n_tokens = B * T
         weights, expert_ids, probs, logits = route(x_flat, self.router.weight, self.topk, self.router_kind,
-                                                   self.expert_bias if self.use_bias else None, self.route_scale,
+                                                   self.expert_bias, self.route_scale,
                                                    self.forced_expert_ids)
         # Capacity is a training-time device (it regularises and bounds memory); evaluation and
         # inference are dropless, so a sequence's output never depends on its batch mates.
@@ -344,11 +367,11 @@ class MoE(nn.Module):
             y_sorted = y_slots[slots]
             n_dropped = (~kept).sum()
         else:
-            y_sorted = self.expert_mlp(x_sorted, self.w_fc, self.w_proj, offsets)
+            y_sorted = self.run_experts(x_sorted, offsets)
             n_dropped = torch.zeros((), device=x.device)
         out = combine(y_sorted, order, inverse, weights)
         if self.n_shared:
-            out = out + self.shared_proj(F.relu(self.shared_fc(x_flat)).square()).to(out.dtype)
+            out = out + self.shared_proj(relu2(self.shared_fc(x_flat))).to(out.dtype)
         if self.training:
             with torch.no_grad():
                 counts = counts.float()
@@ -467,11 +490,11 @@ def newly_dead_experts(streaks, layers, intervals=3):
     return dead
 
 
-def naive_moe_forward(x, gate_weight, w_fc, w_proj, topk):
+def naive_moe_forward(x, gate_weight, w_fc, w_proj, topk, router="softmax"):
     """REFERENCE ONLY, never on the training path: the per-expert Python loop with boolean
-    masks that earlier MoE code used (softmax router, dropless). Host syncs and data-dependent
+    masks that earlier MoE code used (dropless, no bias). Host syncs and data-dependent
     shapes per expert make it slow on GPUs and hostile to torch.compile. x: (N, d) -> (N, d)."""
-    weights, expert_ids, _, _ = route(x, gate_weight, topk)
+    weights, expert_ids, _, _ = route(x, gate_weight, topk, router)
     out = torch.zeros_like(x)
     for e in range(w_fc.size(0)):
         mask = expert_ids == e                      # (N, k)
@@ -479,6 +502,6 @@ def naive_moe_forward(x, gate_weight, w_fc, w_proj, topk):
         if not token_mask.any():
             continue
         w_e = (weights * mask).sum(dim=-1)[token_mask]
-        h = F.relu(x[token_mask] @ w_fc[e].T).square()
+        h = relu2(x[token_mask] @ w_fc[e].T)
         out[token_mask] += w_e.unsqueeze(-1).to(x.dtype) * (h @ w_proj[e].T)
     return out

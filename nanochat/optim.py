@@ -73,59 +73,75 @@ class Muon(torch.optim.Optimizer):
 
 
 def setup_optimizers(model, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, router_lr=0.004,
-                     scalar_lr=0.004, weight_decay=0.0, adam_betas=(0.8, 0.95), device_type="cpu", owners=None, rank=0):
-    """Return [adamw, muon]; each param group remembers its base lr in 'initial_lr'.
+                     scalar_lr=0.004, weight_decay=0.0, adam_betas=(0.8, 0.95), device_type="cpu", owners=None, rank=0,
+                     world_size=1):
+    """Return [adamw, muon], one param group per role of model.param_roles() (the model says
+    which parameter is what); each group remembers its base lr in 'initial_lr'.
     owners (shard_owners): a sharded optimizer; this rank's optimizers hold only the
     parameters it owns (the groups keep their lrs; a group may be empty on a rank).
 
-    - Muon: every matrix inside the blocks (attention, dense MLP, experts), MTP heads' blocks included.
-    - AdamW: token embedding and lm_head (lookups/classifier, not hidden transforms), with
+    - Muon ("matrix"): every matrix inside the blocks (attention, dense MLP, experts, Mamba-2's
+      projections), MTP heads' blocks included.
+    - AdamW ("embedding", "lm_head"): lookups/classifier, not hidden transforms, with
       nanochat's 1/sqrt(d_model/768) scaling of their lrs.
-    - AdamW for the router too: the gate is a small classifier (n_experts x d) whose rows
+    - AdamW ("router") at router_lr: the MoE gate is a small classifier (n_experts x d) whose rows
       should move at the rate their own gradients ask for. Muon would give every expert's
       logit the same update magnitude (all singular values 1), which amplifies the small,
       noisy early gradients of rarely chosen experts and fights the balance loss. The
       Mixture-of-Depths routers (a 1 x d row each) join them.
-    - AdamW for Mamba-2's per-head A_log, D, dt_bias and its depthwise conv (not matrices:
-      Muon is for 2-D weights; its in/out projections are, and go to Muon), at scalar_lr.
+    - AdamW ("conv", "no_decay") at scalar_lr: Mamba-2's depthwise conv, and its per-head A_log,
+      D and dt_bias, which are never weight-decayed (the reference marks them no-decay).
+
+    Muon's step runs the model's per-step bookkeeping first (a pre-step hook: step_bookkeeping),
+    so a plain muon.step() leaves experts that got no token in this step where they are.
+    world_size: the processes whose token counts the bookkeeping sums.
     """
-    d_model = model.config.n_embd
-    lr_scale = (d_model / 768) ** -0.5
+    lr_scale = (model.config.n_embd / 768) ** -0.5
+    roles = model.param_roles()
     mine = (lambda p: True) if owners is None else (lambda p: owners.get(p, rank) == rank)  # unlisted: local (EP experts)
-    router_params, mamba_params, matrix_params = [], [], []
-    for name, p in [*model.transformer.h.named_parameters(), *model.mtp.named_parameters()]:
-        if ".router." in name or ".mod." in name:
-            router_params.append(p)
-        elif ".mamba." in name and p.dim() != 2:
-            mamba_params.append(p)
-        else:
-            matrix_params.append(p)
-    adam_groups = [
-        dict(params=[model.lm_head.weight], lr=unembedding_lr * lr_scale),
-        dict(params=[model.transformer.wte.weight], lr=embedding_lr * lr_scale),
-    ]
-    if router_params:
-        adam_groups.append(dict(params=router_params, lr=router_lr))
-    if mamba_params:
-        adam_groups.append(dict(params=mamba_params, lr=scalar_lr))
-    n_assigned = sum(len(g["params"]) for g in adam_groups) + len(matrix_params)
-    assert n_assigned == len(list(model.parameters())), "a parameter was left without an optimizer"
-    n_matrices = len(matrix_params)
+    adam_groups = [dict(params=roles["lm_head"], lr=unembedding_lr * lr_scale),
+                   dict(params=roles["embedding"], lr=embedding_lr * lr_scale),
+                   dict(params=roles["router"], lr=router_lr),
+                   dict(params=roles["conv"], lr=scalar_lr),
+                   dict(params=roles["no_decay"], lr=scalar_lr, weight_decay=0.0)]
+    adam_groups = [g for g in adam_groups if g["params"]]
+    n_assigned = sum(len(params) for params in roles.values())
     for g in adam_groups:
         g["params"] = [p for p in g["params"] if mine(p)]
-    matrix_params = [p for p in matrix_params if mine(p)]
+    matrix_params = [p for p in roles["matrix"] if mine(p)]
     n_mine = sum(len(g["params"]) for g in adam_groups) + len(matrix_params)
     adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay,
                               fused=(device_type == "cuda"))
     muon = Muon([dict(params=matrix_params)], lr=matrix_lr, momentum=0.95)
+    muon.register_step_pre_hook(lambda opt, args, kwargs: step_bookkeeping(model, world_size, args, kwargs))
     for opt in (adamw, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
-    print0(f"Optimizers: AdamW (embedding, lm_head, {len(router_params)} router tensors"
-           + (f", {len(mamba_params)} Mamba scalars/convs" if mamba_params else "") + f"), Muon ({n_matrices} matrices)"
+    n_mamba = len(roles["conv"]) + len(roles["no_decay"])
+    print0(f"Optimizers: AdamW (embedding, lm_head, {len(roles['router'])} router tensors"
+           + (f", {n_mamba} Mamba scalars/convs" if n_mamba else "") + f"), Muon ({len(roles['matrix'])} matrices)"
            + (f"; states sharded over {max(owners.values()) + 1} ranks (rank {rank}: {n_mine} of {n_assigned} tensors)"
               if owners else ""))
     return [adamw, muon]
+
+
+@torch.no_grad()
+def step_bookkeeping(model, world_size, args, kwargs):
+    """The model's once-per-optimizer-step bookkeeping, run by Muon's pre-step hook (torchtitan
+    registers its expert-bias update the same way), so whoever steps the optimizer gets it:
+    the tokens each expert got in this step (all micro-steps, all ranks; then reset) decide
+    which experts Muon leaves alone (an idle expert is not moved) and move the aux-loss-free
+    bias (at the config's rate; 0 = not moved); the MoD blocks' causal thresholds take the
+    step's cuts. Returns Muon.step's (args, kwargs) with active_experts filled in."""
+    from nanochat.moe import collect_step_loads, active_expert_masks, update_expert_bias
+    from nanochat.mod import update_mod_thresholds
+    loads = collect_step_loads(model, world_size)
+    if loads is not None and model.config.aux_free_bias > 0:
+        update_expert_bias(model, model.config.aux_free_bias, loads)
+    update_mod_thresholds(model, world_size)
+    if len(args) < 2 and "active_experts" not in kwargs:  # args[0] is the optimizer itself
+        kwargs = dict(kwargs, active_experts=active_expert_masks(model, loads))
+    return args, kwargs
 
 
 def shard_owners(model, world_size, params=None):

@@ -12,6 +12,8 @@ config.json, checkpoints/).
 """
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import sys
@@ -25,7 +27,8 @@ import torch.distributed as dist
 from nanochat.common import (UserError, require, ArgumentParser, run_main, print0, get_base_dir, git_commit, check_device_type,
                              get_dist_info, compute_init, compute_cleanup, exit_distributed_worker, DummyWandb, get_peak_flops,
                              keep_freed_memory, atomic_write_json)
-from nanochat.model_args import add_model_args, validate_model_args, model_shape, config_from_args, resolve_init_from
+from nanochat.gpt import GPTConfig
+from nanochat.model_args import add_model_args, validate_model_args, config_from_args
 from nanochat.report import MetricsLog, peak_memory_mb, finite_or_none, format_step_line, training_summary_rows, summary_table
 
 DATA_SOURCES = ("synthetic", "fineweb")
@@ -33,16 +36,8 @@ DATA_SOURCES = ("synthetic", "fineweb")
 
 def build_parser():
     p = ArgumentParser(prog="base_train", description="Pretrain a dense or MoE GPT.")
-    add_model_args(p)  # shape and MoE flags (nanochat/model_args.py)
-    # MoE training
-    p.add_argument("--balance-loss-coeff", type=float, default=0.0,
-                   help="weight of each MoE layer's Switch balance loss (default 0: the aux-free bias balances; "
-                        "Switch: --router softmax --aux-free-bias 0 --balance-loss-coeff 0.01)")
-    p.add_argument("--router-z-loss", type=float, default=0.0, help="weight of each MoE layer's router z-loss (ST-MoE), e.g. 0.001")
+    add_model_args(p)  # shape, MoE and loss-weight flags, defaults from GPTConfig (nanochat/model_args.py)
     p.add_argument("--moe-stats-every", type=int, default=20, help="steps between routing-statistics records")
-    p.add_argument("--mtp-weight", type=float, default=0.3,
-                   help="--mtp-heads: weight of the MTP loss (the mean over heads), added to the next-token loss "
-                        "(DeepSeek-V3 starts at 0.3)")
     # Data
     p.add_argument("--data", default=None, help="synthetic (default) | fineweb | PATH (folder of shards, or .txt/.jsonl/.parquet)")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocab size when a tokenizer must be trained for --data")
@@ -118,23 +113,53 @@ def explicit_flags(argv=None):
     return set(vars(p.parse_args(_argv(argv))))
 
 
-def validate_args(args, world_size):
+def read_init_from(spec, world_size):
+    """--init-from RUN[:STEP] -> (checkpoint folder, its meta). Raises UserError."""
+    from nanochat.checkpoint import checkpoint_for
+    source, step = spec, "latest"
+    head, sep, tail = spec.rpartition(":")
+    if sep and (tail.isdigit() or tail in ("best", "latest")):
+        source, step = head, tail
+    ckpt = checkpoint_for("--init-from", source, step, is_tag=not os.path.exists(source))
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        meta = json.load(f)
+    require(meta.get("world_size", 1) == world_size,
+            f"--init-from {spec}: saved by {meta.get('world_size', 1)} process(es), this run has {world_size}; "
+            f"the data position is per rank, so start it with the same number")
+    return ckpt, meta
+
+
+def resolve_config(args, given, init_meta=None):
+    """The GPTConfig this run trains, before any data work: from the flags, or (--init-from) the
+    checkpoint's config with the flags the user gave (model_args.config_from_args). The vocab
+    size is a placeholder until the tokenizer is known (train() sets it). With --init-from,
+    --data defaults to the checkpoint's (the run continues its data stream)."""
+    if init_meta is None:
+        return config_from_args(args, vocab_size=args.vocab_size)
+    config = config_from_args(args, None, base=GPTConfig(**init_meta["config"]), given=given)
+    data = init_meta.get("args", {}).get("data")
+    same = lambda a, b: a == b or (os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b))
+    require("data" not in given or data is None or same(args.data, data),
+            f"--data {args.data} contradicts the --init-from checkpoint's data {data!r}: the run continues its data stream")
+    args.data = data or args.data
+    return config
+
+
+def validate_args(args, config, world_size):
     """All the cheap checks, before any data, tokenizer or model work. Raises UserError.
     Returns the device type."""
     validate_model_args(args)
-    if args.use_moe:
-        require(args.balance_loss_coeff >= 0, f"--balance-loss-coeff must be >= 0 (got {args.balance_loss_coeff})")
-        require(args.router_z_loss >= 0, f"--router-z-loss must be >= 0 (got {args.router_z_loss})")
+    if config.use_moe:
         require(args.moe_stats_every >= 1, f"--moe-stats-every must be >= 1 (got {args.moe_stats_every})")
-    require(args.mtp_weight >= 0, f"--mtp-weight must be >= 0 (got {args.mtp_weight})")
     ep = args.expert_parallel
     if ep != 1:
         require(ep >= 1 and world_size % ep == 0, f"--expert-parallel {ep} must divide the number of processes {world_size}")
-        require(args.use_moe and args.n_experts % ep == 0, f"--expert-parallel {ep} needs --use-moe with --n-experts a multiple of it")
-        require(not args.capacity_factor, "--expert-parallel is dropless: drop --capacity-factor")
+        require(config.use_moe and config.n_experts % ep == 0,
+                f"--expert-parallel {ep} needs --use-moe with --n-experts a multiple of it")
+        require(not config.capacity_factor, "--expert-parallel is dropless: drop --capacity-factor")
         require(not args.fp8, "--expert-parallel runs its experts in bf16, not FP8: drop --fp8")
     require(args.device_batch_size >= 1, f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
-    seq_len = model_shape(args)[5]
+    seq_len = config.sequence_len
     tokens_per_fwdbwd = args.device_batch_size * seq_len * world_size
     require(args.total_batch_size > 0 and args.total_batch_size % tokens_per_fwdbwd == 0,
             f"--total-batch-size {args.total_batch_size} is not a multiple of --device-batch-size x --max-seq-len x "
@@ -197,21 +222,16 @@ def prepare_data(args, rank, ddp):
     return data_dir, tokenizer_dir
 
 
-def get_lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """Linear warmup, constant, linear warmdown to final_lr_frac (nanochat's trapezoid)."""
-    warmup = round(warmup_ratio * num_iterations)
-    warmdown = round(warmdown_ratio * num_iterations)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step <= num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - step) / warmdown
-    return progress * 1.0 + (1 - progress) * final_lr_frac
-
-
-def get_muon_momentum(step):
-    frac = min(step / 300, 1)
-    return (1 - frac) * 0.85 + frac * 0.95
+def training_horizon(args, params, flops_per_token):
+    """(optimizer steps, the flag that set them): --num-iterations, else --target-flops (training
+    FLOPs, active parameters), else --target-param-data-ratio x the model's data_ratio_params
+    (active, without the embedding and the training-only MTP heads) tokens."""
+    if args.num_iterations > 0:
+        return args.num_iterations, "--num-iterations"
+    if args.target_flops > 0:
+        return max(1, round(args.target_flops / (flops_per_token * args.total_batch_size))), "--target-flops"
+    target_tokens = args.target_param_data_ratio * params["data_ratio_params"]
+    return max(1, round(target_tokens / args.total_batch_size)), "--target-param-data-ratio"
 
 
 def evaluate(model, val_batches, eval_steps, token_bytes, autocast, lockstep=False):
@@ -236,6 +256,41 @@ def print_samples(model, tokenizer, prompts, autocast, max_tokens=24):
     model.train()
 
 
+def parallel_optimizers(model, args, device_type, rank, world_size):
+    """The optimizers and how gradients and parameters cross ranks, for train_step: expert
+    parallelism (each rank's experts exchange tokens; expert grads summed over replicas), the
+    sharded optimizer (ZeRO-1: each gradient reduced to the rank owning its state, parameters
+    broadcast back after the update) or plain data parallelism (gradients averaged). Returns
+    (optimizers, sync_grads, after_update or None, EP group or None)."""
+    from nanochat.optim import (setup_optimizers, all_reduce_grads, shard_owners, reduce_grads_to_owners,
+                                broadcast_from_owners)
+    from nanochat.expert_parallel import ep_groups, enable_expert_parallel, sync_expert_grads
+    ep, ep_group, expert_params = args.expert_parallel, None, []
+    if ep > 1:
+        ep_group, replica_group = ep_groups(world_size, ep, rank)
+        expert_params = enable_expert_parallel(model, ep, ep_group)
+        n_local = sum(p.numel() for p in expert_params)
+        print0(f"Expert parallelism: {ep} ranks per group, {model.config.n_experts // ep} experts per rank per MoE layer "
+               f"({n_local:,} expert params here, 1/{ep} of {n_local * ep:,})")
+    local = set(expert_params)
+    replicated = [p for p in model.parameters() if p not in local]
+    sharded = world_size > 1 and args.shard_optimizer != "off"
+    owners = shard_owners(model, world_size, replicated) if sharded else None
+    optimizers = setup_optimizers(model, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                  matrix_lr=args.matrix_lr, router_lr=args.router_lr, weight_decay=args.weight_decay,
+                                  device_type=device_type, owners=owners, rank=rank, world_size=world_size)
+
+    def sync_grads():
+        if sharded:  # each gradient summed onto the rank that owns its optimizer state
+            reduce_grads_to_owners(model, owners, rank, world_size)
+        else:
+            all_reduce_grads(model, world_size, replicated)
+        if ep > 1:
+            sync_expert_grads(expert_params, replica_group, world_size)
+    after_update = (lambda: broadcast_from_owners(model, owners)) if sharded else None
+    return optimizers, sync_grads, after_update, ep_group
+
+
 @dataclass
 class RunState:
     """What the loop carries from step to step, and what a checkpoint and the summary record."""
@@ -252,33 +307,35 @@ class RunState:
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world_size = get_dist_info()
-    init = resolve_init_from(args, explicit_flags(argv), world_size) if args.init_from else None
-    device_type = validate_args(args, world_size)
+    init = None
+    if args.init_from:
+        ckpt, meta = read_init_from(args.init_from, world_size)
+        init = dict(checkpoint=ckpt, meta=meta)
+    config = resolve_config(args, explicit_flags(argv), init and init["meta"])
+    device_type = validate_args(args, config, world_size)
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     if keep_freed_memory(device_type):  # ~1.5x faster CPU steps at d=512 (dev/LOG.md)
         print0("CPU: glibc keeps freed memory in the heap (no page faults on reused activations)")
     try:
-        train(args, device_type, device, ddp, rank, world_size, init)
+        train(args, config, device_type, device, ddp, rank, world_size, init)
     finally:
         compute_cleanup()
     if ddp:
         exit_distributed_worker()
 
 
-def train(args, device_type, device, ddp, rank, world_size, init=None):
-    """init: resolve_init_from's dict for --init-from (weights, config, tokenizer, data position)."""
+def train(args, config, device_type, device, ddp, rank, world_size, init=None):
+    """config: resolve_config's (its vocab size is set here from the tokenizer, unless --init-from).
+    init: {checkpoint, meta} for --init-from (weights, tokenizer, data position)."""
     from nanochat.gpt import build_model, meta_model, describe_params
-    from nanochat.optim import (setup_optimizers, all_reduce_grads, shard_owners, reduce_grads_to_owners,
-                                broadcast_from_owners, optimizer_state_mib_per_rank)
+    from nanochat.optim import optimizer_state_mib_per_rank
     from nanochat.tokenizer import get_tokenizer, load_token_bytes
     from nanochat.dataloader import data_loader
     from nanochat.dataset import list_shards, split_shards, read_entropy_floor
-    from nanochat.moe import (update_expert_bias, collect_moe_stats, collect_step_loads, active_expert_masks,
-                              format_moe_stats, newly_dead_experts)
-    from nanochat.mod import update_mod_thresholds
+    from nanochat.moe import collect_moe_stats, format_moe_stats, newly_dead_experts
+    from nanochat.train_step import train_step, get_lr_multiplier, get_muon_momentum
     from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_latest_step, set_rng_state, read_loader_states
-    from nanochat.expert_parallel import (ep_groups, enable_expert_parallel, sync_expert_grads, full_state_dict,
-                                          local_expert_slices)
+    from nanochat.expert_parallel import full_state_dict, local_expert_slices
 
     master = rank == 0
     torch.manual_seed(args.seed)
@@ -301,7 +358,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     train_shards, val_shards = split_shards(shards, "train"), split_shards(shards, "val")
     entropy_floor = read_entropy_floor(data_dir)
 
-    config = init["config"] if init else config_from_args(args, tokenizer.get_vocab_size())
+    if not init:
+        config = dataclasses.replace(config, vocab_size=tokenizer.get_vocab_size())
     ep = args.expert_parallel  # EP: each rank builds only its block of experts; the rest is replicated
     model = build_model(config, device, expert_shard=(rank % ep, ep) if ep > 1 else None)
     load_slices = local_expert_slices(model)  # under EP: read only this rank's block of each expert tensor
@@ -321,7 +379,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         from nanochat.fp8 import convert_to_fp8
         converted, fp8_experts = convert_to_fp8(model)
         print0(f"FP8 linears ({len(converted)}): {', '.join(converted) or 'none'}")
-        if args.use_moe:
+        if config.use_moe:
             print0(f"FP8 grouped experts ({len(fp8_experts)} MoE layers): {', '.join(fp8_experts) or 'none'}; "
                    f"routers stay in fp32 (routing is computed in fp32 under autocast)")
 
@@ -329,13 +387,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     B, T = args.device_batch_size, config.sequence_len
     tokens_per_step = args.total_batch_size
     grad_accum = tokens_per_step // (B * T * world_size)
-    if args.num_iterations > 0:
-        num_iterations, horizon = args.num_iterations, "--num-iterations"
-    elif args.target_flops > 0:
-        num_iterations, horizon = max(1, round(args.target_flops / (flops_per_token * tokens_per_step))), "--target-flops"
-    else:
-        target_tokens = args.target_param_data_ratio * (params["active_total"] - params["wte"])
-        num_iterations, horizon = max(1, round(target_tokens / tokens_per_step)), "--target-param-data-ratio"
+    num_iterations, horizon = training_horizon(args, params, flops_per_token)
     total_tokens = num_iterations * tokens_per_step
     print0(f"Steps: {num_iterations:,} (from {horizon}) x {tokens_per_step:,} tokens = {total_tokens:,} tokens, "
            f"{flops_per_token * total_tokens:.3e} FLOPs; grad accum {grad_accum} x {world_size} process(es)")
@@ -345,21 +397,8 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     if entropy_floor is not None:
         print0(f"Entropy floor of the validation data: {entropy_floor:.4f} bits/byte (irreducible)")
 
-    if ep > 1:
-        ep_group, replica_group = ep_groups(world_size, ep, rank)
-        expert_params = enable_expert_parallel(model, ep, ep_group)
-        n_local = sum(p.numel() for p in expert_params)
-        print0(f"Expert parallelism: {ep} ranks per group, {config.n_experts // ep} experts per rank per MoE layer "
-               f"({n_local:,} expert params here, 1/{ep} of {n_local * ep:,})")
-    local = set(expert_params) if ep > 1 else set()
-    replicated = [p for p in model.parameters() if p not in local]
+    optimizers, sync_grads, after_update, ep_group = parallel_optimizers(model, args, device_type, rank, world_size)
     sharded = world_size > 1 and args.shard_optimizer != "off"
-    owners = shard_owners(model, world_size, replicated) if sharded else None
-    adamw, muon = optimizers = setup_optimizers(model, unembedding_lr=args.unembedding_lr,
-                                                embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
-                                                router_lr=args.router_lr, weight_decay=args.weight_decay,
-                                                device_type=device_type, owners=owners, rank=rank)
-    n_moe_layers = max(1, model.num_moe_layers())
     n_mod = len(model.mod_layers())
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
     # Fixed shapes, one graph: the MoE's tensors are sized by (tokens, k, experts) only; how many
@@ -371,7 +410,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     train_model = torch.compile(model, dynamic=False, fullgraph=ep == 1) if use_compile else model
     autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
 
-    model_tag = args.model_tag or (f"d{config.n_layer}" + (f"_moe{args.n_experts}k{args.expert_topk}" if args.use_moe else "")
+    model_tag = args.model_tag or (f"d{config.n_layer}" + (f"_moe{config.n_experts}k{config.expert_topk}" if config.use_moe else "")
                                    + (f"_mod{config.mod_capacity:g}" if config.mod_capacity else "")
                                    + (f"_{config.layer_pattern}" if "M" in config.layer_pattern else ""))
     run_dir = os.path.join(get_base_dir(), "runs", model_tag)
@@ -441,6 +480,14 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
     # after the last batch trained on (what a checkpoint saves).
     train_batches = batches(train_shards, state.loader_state, True)
     x, y, next_loader_state = next(train_batches)
+
+    def next_batch():  # the batch fetched ahead; the loader position moves past it
+        nonlocal x, y, next_loader_state
+        batch = x, y
+        state.loader_state = next_loader_state
+        x, y, next_loader_state = next(train_batches)
+        return batch
+
     t_start = time.time()
     while True:
         step = state.step
@@ -470,49 +517,13 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         if last:
             break
 
-        # One optimizer step: grad_accum micro-batches, then all-reduce, then update.
+        # One optimizer step (nanochat/train_step.py): grad_accum micro-batches, the gradients
+        # synced over ranks, the update (idle experts stay; MoE/MoD bookkeeping in Muon's hook)
         t0 = time.time()
-        # cross-entropy, balance, z-loss, MTP heads, MoD blocks x (causal rule's fraction, its agreement with top-k)
-        loss_sums = torch.zeros(3 + config.mtp_heads + 2 * n_mod, device=device)
-        for _ in range(grad_accum):
-            with autocast:
-                ce, aux = train_model(x, y)
-            loss = ce
-            if args.use_moe:
-                loss = loss + args.balance_loss_coeff * aux["balance_loss"] + args.router_z_loss * aux["z_loss"]
-            if config.mtp_heads:
-                loss = loss + args.mtp_weight * aux["mtp_losses"].mean()
-            (loss / grad_accum).backward()
-            # logged per MoE layer (the mean), while the loss above takes the sum over layers
-            loss_sums += torch.cat([torch.stack([ce.detach(), aux["balance_loss"].detach() / n_moe_layers,
-                                                 aux["z_loss"].detach() / n_moe_layers]), aux["mtp_losses"].detach(),
-                                   aux["mod_stats"].detach().flatten()])
-            state.loader_state = next_loader_state
-            x, y, next_loader_state = next(train_batches)
-        if sharded:  # each gradient summed onto the rank that owns its optimizer state
-            reduce_grads_to_owners(model, owners, rank, world_size)
-        else:
-            all_reduce_grads(model, world_size, replicated)
-        if ep > 1:
-            sync_expert_grads(expert_params, replica_group, world_size)
+
         lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for group in muon.param_groups:
-            group["momentum"] = get_muon_momentum(step)
-        # Tokens per expert in this step (all micro-steps, all ranks): experts that got none
-        # are not moved by Muon, and the aux-free bias balances on the same counts.
-        expert_loads = collect_step_loads(model, world_size)
-        adamw.step()
-        muon.step(active_experts=active_expert_masks(model, expert_loads))
-        if sharded:  # every rank gets the parameters their owners just updated
-            broadcast_from_owners(model, owners)
-        model.zero_grad(set_to_none=True)
-        if config.aux_free_bias > 0:  # the model's own rate: 0 for a dense model whatever the flag says
-            update_expert_bias(model, config.aux_free_bias, expert_loads)
-        update_mod_thresholds(model, world_size)  # MoD: the causal rule's calibrated thresholds
-        loss_means = loss_sums / grad_accum
+        loss_means = train_step(model, train_model, optimizers, next_batch, grad_accum, autocast, lr_multiplier=lrm,
+                                muon_momentum=get_muon_momentum(step), sync_grads=sync_grads, after_update=after_update)
         if ddp:
             dist.all_reduce(loss_means)
             loss_means /= world_size
@@ -542,7 +553,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         record = dict(type="train", step=step, flops=state.flops, tokens=step * tokens_per_step, train_loss=train_loss,
                       lr_mult=lrm, dt=dt, tok_per_sec=tok_per_sec, mfu=mfu, epoch=state.loader_state["epoch"],
                       epochs=round(epochs, 4))
-        if args.use_moe:
+        if config.use_moe:
             record.update(balance_loss=balance_loss, z_loss=z_loss)
         if mtp_losses:  # per head: head i predicts token t+1+i (train_loss stays next-token)
             record.update(mtp_losses=mtp_losses)
@@ -551,7 +562,7 @@ def train(args, device_type, device, ddp, rank, world_size, init=None):
         metrics.write(record)
         wandb_run.log({"step": step, "flops": state.flops, "train/loss": train_loss, "train/balance_loss": balance_loss,
                        "train/z_loss": z_loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu or 0.0})
-        if args.use_moe and (step % args.moe_stats_every == 0 or step == num_iterations):
+        if config.use_moe and (step % args.moe_stats_every == 0 or step == num_iterations):
             layers = collect_moe_stats(model, world_size)
             metrics.write(dict(type="moe", step=step, flops=state.flops, layers=layers))
             for i, s in enumerate(layers):

@@ -30,8 +30,9 @@ import torch.nn as nn
 from nanochat.common import ArgumentParser, UserError, keep_freed_memory, print0, require, run_main, sync_device
 from nanochat.gpt import GPTConfig, MLP, build_model
 from nanochat.model_args import iso_flops_expert_mult
-from nanochat.moe import MoE, naive_moe_forward, collect_step_loads, active_expert_masks
+from nanochat.moe import MoE, naive_moe_forward
 from nanochat.optim import setup_optimizers
+from nanochat.train_step import accumulate_gradients, optimizer_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -153,7 +154,7 @@ class NaiveMoE(nn.Module):
     def forward(self, x):
         B, T, d = x.shape
         y = naive_moe_forward(x.reshape(B * T, d), self.moe.router.weight, self.moe.w_fc, self.moe.w_proj,
-                              self.moe.topk)
+                              self.moe.topk, self.moe.router_kind)
         return y.view(B, T, d), {}
 
 
@@ -216,8 +217,9 @@ def bench_layers(d, n_tokens, args, device, dtype):
 
 
 def bench_step(args, device, dtype):
-    """Whole-model training step, dense vs top-2-of-8 MoE at iso-FLOPs: forward+backward of one
-    micro-batch (loss + balance loss, as base_train) plus the optimizer step divided by the
+    """Whole-model training step, dense vs top-2-of-8 MoE at iso-FLOPs (GPTConfig's routing
+    defaults, as base_train trains): forward+backward of one micro-batch and the optimizer step
+    (nanochat/train_step.py's two halves, as base_train runs them), the latter divided by the
     micro-batches per optimizer step (--total-batch-size), each timed separately."""
     d = args.step_width
     micro_tokens = args.step_rows * args.step_seq_len
@@ -239,15 +241,9 @@ def bench_step(args, device, dtype):
         optimizers = setup_optimizers(model, device_type=device.type)
         fwd = torch.compile(model) if args.compile == "on" else model
 
-        def run_fwdbwd(fwd=fwd):
-            loss, aux = fwd(idx, targets)
-            (loss + 0.01 * aux["balance_loss"]).backward()
-
-        def run_opt(model=model, optimizers=optimizers):
-            adamw, muon = optimizers  # as base_train steps them: idle experts masked out of Muon
-            adamw.step()
-            muon.step(active_experts=active_expert_masks(model, collect_step_loads(model)))
-            model.zero_grad(set_to_none=False)  # keep grads allocated, as across micro-batches
+        # the training step's two halves (nanochat/train_step.py), as base_train runs them
+        run_fwdbwd = lambda model=model, fwd=fwd: accumulate_gradients(model, fwd, lambda: (idx, targets), 1)
+        run_opt = lambda model=model, optimizers=optimizers: optimizer_step(model, optimizers)
 
         run_fwdbwd()
         run_opt()

@@ -35,6 +35,7 @@ from nanochat.common import ArgumentParser, check_device_type, get_peak_flops, p
 from nanochat.gpt import build_model
 from nanochat.model_args import add_model_args, config_from_args, validate_model_args
 from nanochat.optim import setup_optimizers
+from nanochat.train_step import accumulate_gradients, optimizer_step
 
 
 def variant_parser(spec):
@@ -94,17 +95,12 @@ def build_variant(name, flags, args, device):
     x = torch.randint(0, args.vocab_size, (args.rows, T), device=device, generator=g)
     y = torch.randint(0, args.vocab_size, (args.rows, T), device=device, generator=g)
 
-    def fwd_bwd():
-        with autocast:
-            loss, aux = fwd(x, y)
-        loss = loss + 0.01 * aux["balance_loss"] + 0.3 * aux["mtp_losses"].sum()
-        loss.backward()
-
-    def opt_step():
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-    return dict(name=name, model=model, fwd_bwd=fwd_bwd, opt_step=opt_step, tokens=args.rows * T,
+    # the training step's two halves (nanochat/train_step.py), as base_train runs them: the
+    # loss terms with the config's coefficients, the optimizer with its MoE/MoD bookkeeping
+    fwd_bwd = lambda: accumulate_gradients(model, fwd, lambda: (x, y), 1, autocast)
+    opt_step = lambda: optimizer_step(model, optimizers)
+    return dict(name=name, model=model, optimizers=optimizers, batch=(x, y), fwd_bwd=fwd_bwd, opt_step=opt_step,
+                tokens=args.rows * T,
                 flops_per_token=model.estimate_flops(), params=model.num_scaling_params())
 
 

@@ -12,6 +12,9 @@ config, and no optimizer state. Verification: max |logit difference| in fp32 on
 --verify-batches validation batches, with an MoE source's expert choices forced (rounding can
 flip a near-tie; the unforced flips are reported). A failed verification writes nothing and
 exits 1. The last line is `verification: max abs logit difference <x> (PASSED < 0.0001) ...`.
+The line above it reports the same comparison under bf16 autocast (CUDA trains in it): the
+grown model's distance from its source there, next to the source's own bf16-vs-fp32 gap, and
+the expert choices that flip. The two models round differently, so it is not a pass/fail.
 """
 
 import os
@@ -42,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the routers' init and of the width split")
     p.add_argument("--verify-batches", type=int, default=2, help="validation batches for the check")
     p.add_argument("--device-batch-size", type=int, default=8, help="rows per validation batch")
-    p.add_argument("--device-type", default="cpu", help="cpu | cuda | mps (the check runs in fp32)")
+    p.add_argument("--device-type", default="cpu", help="cpu | cuda | mps (the check runs in fp32, then reports bf16 autocast)")
     return p.parse_args(argv)
 
 
@@ -78,7 +81,8 @@ def main(argv=None):
     device_type, target_dir = validate_args(args)
     from nanochat.checkpoint import checkpoint_for, load_model, read_loader_states, save_weights_checkpoint
     from nanochat.gpt import describe_params
-    from nanochat.grow import upcycle, grow_width, grow_depth, depth_layer_map, verify, TOLERANCE
+    from nanochat.grow import (upcycle, grow_width, grow_depth, depth_layer_map, verify, verify_autocast,
+                               autocast_line, TOLERANCE)
     device = torch.device(device_type)
     ckpt = checkpoint_for("--from", args.source, args.step, is_tag=not os.path.exists(args.source))
     source, tokenizer, meta = load_model(ckpt, device)
@@ -110,10 +114,12 @@ def main(argv=None):
     if result["choices"]:
         print(f"expert choices: {result['flips']:,} of {result['choices']:,} flip when not forced "
               f"(max abs logit difference unforced {result['unforced_max_abs_diff']:.3e}); checked with the source's choices forced")
+    result_bf16 = verify_autocast(source, grown, batches, layer_map)
     passed = result["max_abs_diff"] < TOLERANCE
     line = (f"verification: max abs logit difference {result['max_abs_diff']:.3e} "
             f"({'PASSED' if passed else 'FAILED'} < {TOLERANCE:g}) on {tokens:,} validation tokens, fp32")
     if not passed:
+        print(autocast_line(result_bf16))
         print(line)
         print(f"grow: nothing written to {target_dir}", file=sys.stderr)
         sys.exit(1)
@@ -123,9 +129,11 @@ def main(argv=None):
                     commit=git_commit(),
                     grown_from=dict(checkpoint=os.path.abspath(ckpt), step=meta["step"], transforms=done,
                                     val_bpb=meta.get("val_bpb"), flops=meta.get("flops", 0.0), verification=result,
+                                    verification_autocast=result_bf16,
                                     config=source.config.to_dict()))
     d = save_weights_checkpoint(os.path.join(target_dir, "checkpoints"), 0, grown, new_meta, read_loader_states(ckpt))
     print(f"Saved {d} (train it with: python -m scripts.base_train --init-from {args.target}:0 --model-tag {args.target})")
+    print(autocast_line(result_bf16))
     print(line)
 
 

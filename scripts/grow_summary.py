@@ -3,13 +3,18 @@ The end of a growth recipe (runs/grow.sh): one training history across the phase
 BOUNDARY SUMMARY and the growth table.
 
     python -m scripts.grow_summary grow_dense grow_moe grow_grown --names dense,moe,grown \
-        --history $NANOCHAT_BASE_DIR/runs/grow_history.jsonl
+        --history $NANOCHAT_BASE_DIR/runs/grow_history.jsonl [--control grow_control]
+    python -m scripts.grow_summary --flops-of grow_grown     # the FLOPs that run trained for
 
 Each phase is a finished base_train run; phase k > 1 must have been started with --init-from
 phase k-1 (checked). The jump at a boundary is phase k's step-0 val bpb minus phase k-1's last
 val bpb: both are evaluated on the same validation batches (same data, same --eval-tokens), so
 for a function-preserving transform it is ~0. training_history.jsonl: every record of every
 phase's metrics.jsonl, in order, with a `phase` field (FLOPs are cumulative over the lineage).
+--control: a no-growth control, a run started --init-from the checkpoint the last phase grew
+from and trained for the same FLOPs (runs/grow.sh: --target-flops from --flops-of); its final
+val bpb is printed beside the grown model's. Growth only pays if it beats this: both models
+spent the same compute after the same source.
 """
 
 import json
@@ -21,10 +26,14 @@ from nanochat.report import init_source
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="grow_summary", description="Boundary summary and history of a multi-phase growth run.")
-    p.add_argument("runs", nargs="+", help="the phases' runs in order (model tags or run folders)")
+    p.add_argument("runs", nargs="*", help="the phases' runs in order (model tags or run folders)")
     p.add_argument("--names", default="", help="comma-separated phase names (default: the run names)")
     p.add_argument("--history", default="", help="write the concatenated training_history.jsonl here")
-    return p.parse_args(argv)
+    p.add_argument("--control", default="", help="a no-growth control run: the last phase's source trained for its FLOPs")
+    p.add_argument("--flops-of", default="", help="print the FLOPs this finished run trained for (not its lineage's) and exit")
+    args = p.parse_args(argv)
+    require(args.runs or args.flops_of, "give the phases' runs (or --flops-of RUN)")
+    return args
 
 
 def load_phase(run):
@@ -39,9 +48,10 @@ def load_phase(run):
 
 def state_memory_mb(header):
     """Weights + gradients + optimizer state, fp32, from the run's parameter counts: AdamW keeps
-    two moments (embedding, lm_head, routers), Muon one momentum buffer (every other matrix)."""
+    two moments (the model's non-matrix roles: embedding, lm_head, routers, Mamba scalars), Muon
+    one momentum buffer (every matrix)."""
     p = header["params"]
-    adamw = p["wte"] + p["lm_head"] + p.get("router", 0)
+    adamw = p["adamw"] if "adamw" in p else p["wte"] + p["lm_head"] + p.get("router", 0)  # (older headers)
     muon = p["total"] - adamw
     return (adamw * (4 + 4 + 8) + muon * (4 + 4 + 4)) / 2**20
 
@@ -64,16 +74,47 @@ def boundary_rows(phases, names):
     return rows, first_bpb - phases[-1]["evals"][-1]["val_bpb"]
 
 
+def own_flops(ph):
+    """FLOPs this run trained for: its summary counts the whole lineage (cumulative)."""
+    return ph["summary"]["flops"] - ((ph["header"].get("init_from") or {}).get("flops") or 0.0)
+
+
 def growth_rows(phases, names):
     rows = []
     for ph, name in zip(phases, names):
         h, s = ph["header"], ph["summary"]
         rows.append(dict(phase=name, total=h["params"]["total"], active=h["params"]["active_total"],
                          efficiency=100 * h["params"]["active_total"] / h["params"]["total"],
-                         flops_per_token=h["flops_per_token"], tokens=s["tokens"],
-                         flops=s["flops"] - ((h.get("init_from") or {}).get("flops") or 0.0),
+                         flops_per_token=h["flops_per_token"], tokens=s["tokens"], flops=own_flops(ph),
                          state_mb=state_memory_mb(h), peak_mb=s.get("peak_memory_mb")))
     return rows
+
+
+def check_control(grown, control):
+    """The control must start where the grown phase's growth started: the same checkpoint."""
+    want = os.path.normpath(init_source(grown["header"]) or "")
+    got = os.path.normpath(init_source(control["header"]) or "")
+    require(bool(init_source(control["header"])) and got == want,
+            f"--control {control['run']} was not started from the checkpoint {grown['run']} grew from ({want}); "
+            f"its --init-from source is {got or 'none'}")
+
+
+def control_lines(grown, control, name):
+    rows = [(name, grown), ("control", control)]
+    lines = ["", "NO-GROWTH CONTROL (the model the last phase grew from, trained on for the same FLOPs)",
+             f"{'run':<12} {'FLOPs':>10} {'tokens':>11} {'steps':>6} {'final val bpb':>14}"]
+    for label, ph in rows:
+        lines.append(f"{label:<12} {own_flops(ph):>10.3e} {ph['summary']['tokens']:>11,} {ph['summary']['step']:>6} "
+                     f"{ph['evals'][-1]['val_bpb']:>14.4f}")
+    g, c = grown["evals"][-1]["val_bpb"], control["evals"][-1]["val_bpb"]
+    if g < c:
+        verdict = f"growth pays: {name} is better than the control by {c - g:.4f} bpb"
+    elif g > c:
+        verdict = f"growth does not pay: the control is better than {name} by {g - c:.4f} bpb"
+    else:
+        verdict = f"{name} and the control tie"
+    lines.append(f"{verdict} (FLOPs control / {name}: {own_flops(control) / own_flops(grown):.3f})")
+    return lines
 
 
 def format_tables(brows, total_drop, grows):
@@ -107,12 +148,19 @@ def history_lines(phases, names):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.flops_of:
+        print(f"{own_flops(load_phase(args.flops_of)):.6e}")
+        return
     names = args.names.split(",") if args.names else [os.path.basename(os.path.normpath(r)) for r in args.runs]
     require(len(names) == len(args.runs), f"--names gives {len(names)} names for {len(args.runs)} runs")
     phases = [load_phase(r) for r in args.runs]
     check_lineage(phases)
     brows, total_drop = boundary_rows(phases, names)
     print(format_tables(brows, total_drop, growth_rows(phases, names)))
+    if args.control:
+        control = load_phase(args.control)
+        check_control(phases[-1], control)
+        print("\n".join(control_lines(phases[-1], control, names[-1])))
     if args.history:
         atomic_write_text(args.history, history_lines(phases, names))
         print(f"\ntraining history ({sum(len(p['records']) for p in phases)} records, field 'phase'): {args.history}")

@@ -57,11 +57,10 @@ def activation_bytes_per_token(cfg, bytes_per_value):
 
 def memory_estimate(model, batch_tokens, bytes_per_value):
     """Training memory in bytes: fp32 weights and grads, optimizer states (AdamW: 2 per
-    param for embeddings/head/routers; Muon: 1 momentum buffer per matrix param), and the
+    param for every role but "matrix", GPT.param_roles; Muon: 1 momentum buffer per matrix param), and the
     activation estimate at `batch_tokens` tokens per micro-batch."""
     params = sum(p.numel() for p in model.parameters())
-    adam = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
-    adam += sum(p.numel() for n, p in model.named_parameters() if ".router." in n)
+    adam = model.num_scaling_params()["adamw"]
     weights, grads = 4 * params, 4 * params
     optim = 8 * adam + 4 * (params - adam)
     acts = activation_bytes_per_token(model.config, bytes_per_value) * batch_tokens

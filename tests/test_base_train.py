@@ -95,17 +95,21 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, args, flag):
 def test_cli_moe_defaults_are_the_techmix_studys_choice():
     """`--use-moe` alone trains the MoE the techmix study chose (dev/LOG.md, 2026-11-26): top-2
     of 8 at iso-FLOPs width, sigmoid router balanced by the aux-free bias at 0.01 per step, no
-    Switch loss. GPTConfig's own field defaults (a model built in code) stay softmax / no bias."""
+    Switch loss. Defaults are defined once, in GPTConfig: the flags' config IS GPTConfig's."""
     from nanochat.gpt import GPTConfig
-    from nanochat.model_args import config_from_args
+    from nanochat.model_args import config_from_args, FIELD_FLAGS
     from scripts.base_train import parse_args
     args = parse_args(["--use-moe"])
     assert args.balance_loss_coeff == 0.0 and args.router_z_loss == 0.0
     cfg = config_from_args(args, vocab_size=1024)
     assert (cfg.n_experts, cfg.expert_topk, cfg.expert_hidden_mult) == (8, 2, 2.0)
     assert (cfg.router, cfg.aux_free_bias, cfg.capacity_factor) == ("sigmoid", 0.01, 0.0)
-    assert (GPTConfig().router, GPTConfig().aux_free_bias) == ("softmax", 0.0)
-    # the Switch recipe the README names still parses to what it says
+    assert cfg == GPTConfig(vocab_size=1024, use_moe=True)  # every field, shape included
+    assert config_from_args(parse_args([]), vocab_size=1024) == GPTConfig(vocab_size=1024)
+    defaults = parse_args([])
+    for name in FIELD_FLAGS:  # every flag that sets a field defaults to the field's default
+        if name not in ("use_moe", "expert_hidden_mult"):  # a switch; 0 = the iso-FLOPs rule
+            assert getattr(defaults, name) == getattr(GPTConfig(), name), name
     switch = parse_args(["--use-moe", "--router", "softmax", "--aux-free-bias", "0", "--balance-loss-coeff", "0.01"])
     assert (config_from_args(switch, 1024).router, switch.aux_free_bias, switch.balance_loss_coeff) == ("softmax", 0.0, 0.01)
 
@@ -515,3 +519,53 @@ def test_hybrid_moe_trains_and_resumes_exactly(base_dir):
                          (["--layer-pattern", "AM", "--mod-capacity", "0.5"], "--mod-capacity with Mamba layers")):
         p = run_train(base_dir, TINY + bad + ["--num-iterations", "1", "--model-tag", "x"], check=False)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_mtp_heads_do_not_lengthen_the_data_ratio_horizon():
+    """--target-param-data-ratio counts the parameters of the model being trained for: active,
+    without the embedding lookup and the training-only MTP heads (they would make a run with 2
+    heads train 1.75x the tokens of the same trunk). Hand count: lm_head V*D + 12 D^2 per layer."""
+    from nanochat.gpt import GPTConfig, meta_model
+    from scripts.base_train import parse_args, training_horizon
+    args = parse_args(["--target-param-data-ratio", "20", "--total-batch-size", "512"])
+    steps = {}
+    for heads in (0, 2):
+        model = meta_model(GPTConfig(sequence_len=T, vocab_size=V, n_layer=L, n_head=N_HEAD, n_kv_head=N_HEAD, n_embd=D,
+                                     mtp_heads=heads))
+        steps[heads], flag = training_horizon(args, model.num_scaling_params(), model.estimate_flops())
+        assert flag == "--target-param-data-ratio"
+    assert steps[0] == steps[2] == round(20 * (V * D + 12 * L * D * D) / 512)
+
+
+def test_init_from_keeps_the_trained_expert_bias_and_old_checkpoints_load(base_dir):
+    """A trained aux-free bias is part of the function the weights compute: a run started from
+    it with --aux-free-bias 0 stops moving it but still chooses with it, so its step-0 val bpb is
+    the source's final one. And a checkpoint whose config predates the loss-weight fields (a
+    config.json written before they existed) starts a run the same way."""
+    common = TINY + ["--eval-every", "-1"]
+    run_train(base_dir, common + MOE + ["--num-iterations", "6", "--model-tag", "bias_src"])
+    source_bpb = of_type(read_metrics(base_dir, "bias_src"), "eval")[-1]["val_bpb"]
+    ckpt = Path(base_dir) / "runs" / "bias_src" / "checkpoints" / "step_000006"
+    bias = load_file(str(ckpt / "model.safetensors"))["transformer.h.0.mlp.expert_bias"]
+    assert bias.abs().sum() > 0  # the bias moved in training
+    run_train(base_dir, common[:-2] + ["--eval-every", "1", "--init-from", "bias_src", "--aux-free-bias", "0",
+                                       "--num-iterations", "1", "--model-tag", "bias_dst"])
+    records = read_metrics(base_dir, "bias_dst")
+    assert records[0]["config"]["aux_free_bias"] == 0.0
+    assert of_type(records, "eval")[0]["val_bpb"] == pytest.approx(source_bpb, abs=1e-6)
+    moved = load_file(str(Path(base_dir) / "runs" / "bias_dst" / "checkpoints" / "step_000001" / "model.safetensors"))
+    assert torch.equal(moved["transformer.h.0.mlp.expert_bias"], bias)  # rate 0: not moved
+    # the same checkpoint with a config from before the loss-weight fields
+    old = Path(base_dir) / "runs" / "bias_old" / "checkpoints"
+    old.mkdir(parents=True)
+    import shutil
+    shutil.copytree(ckpt, old / "step_000006")
+    meta = json.loads((old / "step_000006" / "meta.json").read_text())
+    for name in ("balance_loss_coeff", "router_z_loss", "mtp_weight"):
+        del meta["config"][name]
+    (old / "step_000006" / "meta.json").write_text(json.dumps(meta))
+    run_train(base_dir, common[:-2] + ["--eval-every", "1", "--init-from", "bias_old", "--num-iterations", "1",
+                                       "--model-tag", "bias_old_dst"])
+    records = read_metrics(base_dir, "bias_old_dst")
+    assert records[0]["config"]["balance_loss_coeff"] == 0.0 and records[0]["config"]["router"] == "sigmoid"
+    assert of_type(records, "eval")[0]["val_bpb"] == pytest.approx(source_bpb, abs=1e-6)

@@ -27,9 +27,11 @@ def test_filter_skips_linear_with_dims_not_divisible_by_16(in_f, out_f):
     assert fp8_module_filter(nn.Linear(in_f, out_f), "transformer.h.0.mlp.c_fc") is False
 
 
-@pytest.mark.parametrize("fqn", ["transformer.h.3.mlp.router", "router"])
-def test_filter_skips_router_even_when_divisible(fqn):
-    assert fp8_module_filter(nn.Linear(64, 16), fqn) is False
+def test_filter_skips_the_precise_parameters_even_when_divisible():
+    router = nn.Linear(64, 16)
+    assert fp8_module_filter(router, "transformer.h.3.mlp.router") is True  # a name decides nothing
+    assert fp8_module_filter(router, "transformer.h.3.mlp.router", precise=[router.weight]) is False
+    assert fp8_module_filter(router, "x", precise=[nn.Linear(64, 16).weight]) is True  # identity, not equality
 
 
 @pytest.mark.parametrize("module", [nn.Embedding(128, 64), nn.LayerNorm(64), nn.Sequential(nn.Linear(64, 64)),
@@ -60,7 +62,8 @@ def test_filter_on_a_moe_gpt_selects_exactly_the_dense_linears():
                        use_moe=True, n_experts=16, expert_topk=2, moe_freq=2, expert_hidden_mult=2)
     model = build_model(config, "cpu")
     modules = dict(model.named_modules())
-    decisions = {name: fp8_module_filter(mod, name) for name, mod in modules.items()}
+    routers = model.param_roles()["router"]  # the model says which parameters are routers
+    decisions = {name: fp8_module_filter(mod, name, precise=routers) for name, mod in modules.items()}
     for name, mod in modules.items():
         assert decisions[name] == _expected_fp8(name, mod, model), name
     routers = [n for n in modules if n.endswith("mlp.router")]
@@ -105,11 +108,12 @@ def test_convert_to_fp8_swaps_exactly_the_filtered_layers():
     config = GPTConfig(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
                        use_moe=True, n_experts=16, expert_topk=2, moe_freq=2, expert_hidden_mult=2)
     model = build_model(config, "cpu")
-    expected = [n for n, m in model.named_modules() if fp8_module_filter(m, n)]
+    routers = model.param_roles()["router"]
+    expected = [n for n, m in model.named_modules() if fp8_module_filter(m, n, precise=routers)]
     converted, experts = convert_to_fp8(model)
     assert converted == expected
     assert experts == ["transformer.h.1.mlp"]  # moe_freq=2: layer 1 is the only MoE layer
-    assert model.transformer.h[1].mlp.expert_mlp is expert_mlp_fp8
+    assert model.transformer.h[1].mlp.expert_path == "fp8" and model.transformer.h[0].mlp.__class__.__name__ == "MLP"
     modules = dict(model.named_modules())
     for name in expected:
         assert type(modules[name]).__name__ == "Float8Linear", name

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from nanochat.common import UserError
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.grow import (TOLERANCE, upcycle, grow_width, grow_depth, depth_layer_map, verify, record_choices,
-                           count_flips)
+                           count_flips, verify_autocast, autocast_line)
 from nanochat.moe import route
 from nanochat.optim import setup_optimizers
 
@@ -249,3 +249,52 @@ def test_mtp_heads_are_carried_through_every_transform():
         assert grown.config.mtp_heads == 2
         got = grown.train()(idx, y)[1]["mtp_losses"]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- bf16 autocast
+
+def bf16_logits(model, idx):
+    with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        return model.eval()(idx).float()
+
+
+@pytest.mark.parametrize("transform", [lambda m: upcycle(m, n_experts=4, seed=1), lambda m: grow_width(m, 2, seed=2)])
+def test_autocast_check_measures_the_bf16_distance(transform):
+    # exact in fp32, not in bf16: the report is the max over batches of |grown - source|, both
+    # under autocast, beside the source's own bf16-vs-fp32 gap, each recomputed here
+    src = trained_like(dense())
+    grown = transform(src)
+    assert diff(src, grown)["max_abs_diff"] < TOLERANCE
+    r = verify_autocast(src, grown, batches())
+    want = max((bf16_logits(grown, idx) - bf16_logits(src, idx)).abs().max().item() for idx in batches())
+    gap = max((bf16_logits(src, idx) - src.eval()(idx)).abs().max().item() for idx in batches())
+    assert r["max_abs_diff"] == pytest.approx(want, rel=1e-6) and r["source_gap"] == pytest.approx(gap, rel=1e-6)
+    assert r["max_abs_diff"] > 100 * TOLERANCE and r["source_gap"] > 100 * TOLERANCE  # bf16 is not exact
+    assert r["choices"] == 0  # a dense source: no choices to compare
+    line = autocast_line(r)
+    assert line.startswith(f"training dtype (bfloat16 autocast): max abs logit difference {want:.3g} ")
+    assert f"(the source's own bfloat16-vs-fp32 gap: {gap:.3g})" in line and "expert choices" not in line
+
+
+def test_autocast_check_counts_flipped_choices_of_an_moe_source():
+    src = trained_like(moe())
+    grown = grow_depth(grow_width(src, 2, seed=4), 2, source_layer=1)
+    layer_map = depth_layer_map(4, 2, 1)
+    r = verify_autocast(src, grown, batches(), layer_map)
+    assert r["choices"] == 2 * 2 * 3 * T * 2  # 2 batches x 2 MoE layers x 3x16 tokens x top-2
+    flips = source_flips = 0
+    for idx in batches():
+        src32 = record_choices(src, idx)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            src16, grown16 = record_choices(src, idx), record_choices(grown, idx)
+        flips += count_flips(src16, grown16, layer_map)
+        source_flips += count_flips(src32, src16, {})
+    assert (r["flips"], r["source_flips"]) == (flips, source_flips)
+    assert f"expert choices: {flips:,} of {r['choices']:,} flip (the source's own bfloat16-vs-fp32: {source_flips:,})" \
+        in autocast_line(r)
+    # an MoE whose router is negated in the grown copy flips most choices under bf16 too
+    with torch.no_grad():
+        for i in layer_map.values():
+            if grown.transformer.h[i].is_moe:
+                grown.transformer.h[i].mlp.router.weight.neg_()
+    assert verify_autocast(src, grown, batches(), layer_map)["flips"] > r["choices"] // 4

@@ -2,7 +2,8 @@
 on the built-in corpus: a dense run is upcycled, trained on, grown in width and depth, trained
 on; every transform passes the fp32 check, each phase's step-0 eval equals the last eval of the
 phase before (same validation batches), the data stream continues, and the bad inputs are one
-line each. The recipe itself runs with tiny horizons."""
+line each; the bf16 autocast report and the no-growth control (the MoE trained on for the grown
+phase's FLOPs) are recomputed from the runs. The recipe itself runs with tiny horizons."""
 
 import json
 import os
@@ -34,7 +35,8 @@ def ckpt(base_dir, tag, step):
 
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory):
-    """dense (8 steps) -> upcycle -> MoE (6 steps) -> width x2, +2 layers -> grown MoE (4 steps)."""
+    """dense (8 steps) -> upcycle -> MoE (6 steps) -> width x2, +2 layers -> grown MoE (4 steps);
+    control: the MoE trained on for the grown phase's FLOPs."""
     base = tmp_path_factory.mktemp("grow")
     common = NO_DEPTH + ["--eval-every", "2", "--save-every", "-1"]
     run_train(base, common + HEAD + ["--depth", "2", "--num-iterations", "8", "--model-tag", "dense", "--warmdown-ratio", "0"])
@@ -43,8 +45,10 @@ def lineage(tmp_path_factory):
     out["grow"] = run_py(base, "scripts.grow", ["--from", "moe", "--to", "grown", "--width-mult", "2", "--add-layers", "2",
                                                 "--source-layer", "0"])
     run_train(base, common + ["--init-from", "grown", "--num-iterations", "4", "--model-tag", "grown"])
+    out["flops"] = run_py(base, "scripts.grow_summary", ["--flops-of", "grown"])
+    run_train(base, common + ["--init-from", "moe", "--target-flops", out["flops"].stdout.strip(), "--model-tag", "control"])
     out["summary"] = run_py(base, "scripts.grow_summary", ["dense", "moe", "grown", "--names", "dense,moe,grown",
-                                                           "--history", str(base / "history.jsonl")])
+                                                           "--history", str(base / "history.jsonl"), "--control", "control"])
     return base, out
 
 
@@ -60,6 +64,37 @@ def test_each_transform_passes_and_says_so_last(lineage):
     assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["use_moe"], cfg["n_experts"]) == (4, 128, 4, True, 4)
     assert meta["grown_from"]["step"] == 6 and meta["grown_from"]["verification"]["max_abs_diff"] < 1e-4
     assert not (ckpt(base, "grown", 0) / "optim.pt").exists()  # fresh optimizer by construction
+
+
+def test_bf16_report_matches_a_recomputation(lineage):
+    # the line above the fp32 verdict: source and grown under CPU bf16 autocast on the same
+    # validation batches, recomputed here from the saved checkpoints
+    import torch
+    from nanochat.checkpoint import load_model
+    from scripts.grow import validation_batches
+    base, out = lineage
+    for key, src_tag, src_step in (("upcycle", "dense", 8), ("grow", "moe", 6)):
+        line = out[key].stdout.strip().splitlines()[-2]
+        assert line.startswith("training dtype (bfloat16 autocast): max abs logit difference "), line
+        source, tokenizer, meta = load_model(str(ckpt(base, src_tag, src_step)), torch.device("cpu"))
+        grown, _, grown_meta = load_model(str(ckpt(base, "grown" if key == "grow" else "moe", 0)), torch.device("cpu"))
+        batches = validation_batches(meta, tokenizer, 2, 8, source.config.sequence_len, "cpu")
+        diff = gap = 0.0
+        with torch.no_grad():
+            for idx in batches:
+                ref32 = source.eval()(idx).float()
+                with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+                    ref, got = source(idx).float(), grown.eval()(idx).float()
+                diff = max(diff, (got - ref).abs().max().item())
+                gap = max(gap, (ref - ref32).abs().max().item())
+        assert f"max abs logit difference {diff:.3g} (the source's own bfloat16-vs-fp32 gap: {gap:.3g})" in line, line
+        saved = grown_meta["grown_from"]["verification_autocast"]
+        assert saved["max_abs_diff"] == pytest.approx(diff, rel=1e-6) and saved["source_gap"] == pytest.approx(gap, rel=1e-6)
+        assert diff > 1e-3 and gap > 1e-3  # bf16 is not exact, for the source either
+        if key == "grow":  # an MoE source: 2 batches x 2 layers x 8x64 tokens x top-2
+            assert saved["choices"] == 2 * 2 * 8 * 64 * 2 and f"of {saved['choices']:,} flip" in line
+        else:
+            assert saved["choices"] == 0 and "expert choices" not in line
 
 
 def test_grown_checkpoint_carries_the_source_position_tokenizer_and_flops(lineage):
@@ -100,6 +135,38 @@ def test_summary_and_history(lineage):
     per_phase = {name: len(read_metrics(base, name)) for name in ("dense", "moe", "grown")}
     assert len(history) == sum(per_phase.values())
     assert [r["phase"] for r in history] == [n for n in ("dense", "moe", "grown") for _ in range(per_phase[n])]
+
+
+def test_no_growth_control_at_equal_flops(lineage):
+    base, out = lineage
+    grown, control = read_metrics(base, "grown"), read_metrics(base, "control")
+    own = lambda r: of_type(r, "summary")[0]["flops"] - of_type(r, "header")[0]["init_from"]["flops"]
+    assert float(out["flops"].stdout) == pytest.approx(own(grown), rel=1e-6)
+    # equal compute to within half a step of the smaller model, on ~5x the steps
+    header = of_type(control, "header")[0]
+    assert abs(own(control) - own(grown)) <= 0.5 * header["flops_per_token"] * header["tokens_per_step"]
+    assert of_type(control, "summary")[0]["step"] > 4 * of_type(grown, "summary")[0]["step"]
+    # same source checkpoint and data position as the growth, same schedule
+    assert header["init_from"]["checkpoint"] == of_type(grown, "header")[0]["init_from"]["grown_from"]["checkpoint"]
+    assert of_type(control, "eval")[0]["val_bpb"] == pytest.approx(of_type(read_metrics(base, "moe"), "eval")[-1]["val_bpb"], abs=1e-6)
+    assert header["args"]["warmup_ratio"] == 0.05 and header["args"]["warmdown_ratio"] == of_type(grown, "header")[0]["args"]["warmdown_ratio"]
+    text = out["summary"].stdout.split("NO-GROWTH CONTROL")[1]
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:4]}
+    g, c = of_type(grown, "eval")[-1]["val_bpb"], of_type(control, "eval")[-1]["val_bpb"]
+    assert (float(rows["grown"][4]), float(rows["control"][4])) == (pytest.approx(g, abs=5e-5), pytest.approx(c, abs=5e-5))
+    verdict = text.splitlines()[4]
+    if g > c:
+        assert verdict.startswith(f"growth does not pay: the control is better than grown by {g - c:.4f} bpb"), verdict
+    else:
+        assert verdict.startswith(f"growth pays: grown is better than the control by {c - g:.4f} bpb"), verdict
+
+
+def test_a_control_from_another_checkpoint_is_refused(lineage):
+    base, _ = lineage
+    p = run_py(base, "scripts.grow_summary", ["dense", "moe", "grown", "--control", "moe"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "--control moe was not started from the checkpoint grown grew from" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_a_failed_verification_writes_nothing(lineage, monkeypatch, capsys):
@@ -152,10 +219,13 @@ def test_grow_recipe_end_to_end(tmp_path):
     p = subprocess.run(["bash", "runs/grow.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.stdout.count("PASSED < 0.0001") == 2 and p.stdout.count("PHASE ") == 3
-    assert "BOUNDARY SUMMARY" in p.stdout and "GROWTH TABLE" in p.stdout
+    assert "BOUNDARY SUMMARY" in p.stdout and "GROWTH TABLE" in p.stdout and "NO-GROWTH CONTROL" in p.stdout
+    assert p.stdout.count("training dtype (bfloat16 autocast)") == 2
     history = tmp_path / "runs" / "grow_grown" / "training_history.jsonl"
     assert {json.loads(line)["phase"] for line in history.read_text().splitlines()} == {"dense", "moe", "grown"}
-    for tag, steps in (("grow_dense", [6]), ("grow_moe", [0, 4]), ("grow_grown", [0, 4])):  # the phase checkpoints
+    control_steps = of_type(read_metrics(tmp_path, "grow_control"), "summary")[0]["step"]
+    assert control_steps > 4 * 4  # the phase-2 MoE, on the grown phase's FLOPs (~5x its steps)
+    for tag, steps in (("grow_dense", [6]), ("grow_moe", [0, 4]), ("grow_grown", [0, 4]), ("grow_control", [control_steps])):
         assert sorted(int(d.name[5:]) for d in (tmp_path / "runs" / tag / "checkpoints").glob("step_*")) == steps
     again = subprocess.run(["bash", "runs/grow.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "is never overwritten" in again.stderr
@@ -166,12 +236,21 @@ def test_grow_recipe_dry_run():
                        env={**os.environ, "DRY_RUN": "1", "NPROC": "8", "DEVICE": "cuda"})
     assert p.returncode == 0, p.stderr
     cmds = [line[2:] for line in p.stdout.splitlines() if line.startswith("+ ")]
-    assert len(cmds) == 6
+    assert len(cmds) == 7
     assert all(c.startswith("python -m torch.distributed.run --standalone --nproc_per_node=8 -m scripts.base_train --")
                for c in (cmds[0], cmds[2], cmds[4]))
     assert "--upcycle" in cmds[1] and "--width-mult 2 --add-layers 2" in cmds[3]
     assert "--init-from grow_moe:0" in cmds[2] and "--init-from grow_grown:0" in cmds[4]
     assert "--total-batch-size 32768" in cmds[0]  # 8 rows x 256 x 8 processes x 2 micro-steps
+    # the control: the phase-2 MoE under the same torchrun, for phase 3's FLOPs, the same schedule
+    assert cmds[5].startswith(cmds[4].split(" --init-from")[0])
+    assert "--init-from grow_moe --target-flops $(python -m scripts.grow_summary --flops-of grow_grown)" in cmds[5]
+    assert cmds[5].endswith("--warmdown-ratio 0.2 --model-tag grow_control") and "--warmdown-ratio 0.2" in cmds[4]
+    assert cmds[6].startswith("python -m scripts.grow_summary") and cmds[6].endswith("--control grow_control")
+    p = subprocess.run(["bash", "runs/grow.sh"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "DRY_RUN": "1", "CONTROL": "0"})
+    cmds = [line[2:] for line in p.stdout.splitlines() if line.startswith("+ ")]
+    assert len(cmds) == 6 and "control" not in p.stdout.lower() and "--synthetic-train-docs 40000" in cmds[0]
 
 
 def test_growth_under_torchrun_keeps_every_ranks_position(tmp_path):

@@ -12,10 +12,10 @@ from nanochat.moe import (MoE, route, dispatch, switch_balance_loss, grouped_lin
                           expert_hidden_dim, expert_counts, inverse_permutation, gather_tokens, combine, capacity_slots)
 
 
-def make_moe(d=32, n_experts=4, topk=2, mult=2, seed=0):
+def make_moe(d=32, n_experts=4, topk=2, mult=2, seed=0, router="softmax"):
     torch.manual_seed(seed)
     moe = MoE(GPTConfig(n_embd=d, n_head=2, n_kv_head=2, use_moe=True, n_experts=n_experts,
-                        expert_topk=topk, expert_hidden_mult=mult))
+                        expert_topk=topk, expert_hidden_mult=mult, router=router))
     # Random (non-zero) weights everywhere, so every path carries signal.
     torch.nn.init.normal_(moe.router.weight, std=0.5)
     torch.nn.init.normal_(moe.w_fc, std=d**-0.5)
@@ -96,10 +96,11 @@ def test_gather_and_combine_gradients_match_plain_indexing(topk):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("d,n_experts,topk,mult", [(32, 4, 2, 2), (32, 8, 1, 4), (16, 8, 8, 0.5), (6, 3, 2, 1)])
-def test_moe_matches_reference_loop_forward_and_backward(d, n_experts, topk, mult):
+def test_moe_matches_reference_loop_forward_and_backward(d, n_experts, topk, mult, router):
     # (6, 3, 2, 1): width 6 fp32 is not 16-byte aligned -> exercises the slice-loop fallback.
-    moe = make_moe(d, n_experts, topk, mult)
+    moe = make_moe(d, n_experts, topk, mult, router=router)
     x = torch.randn(3, 11, d, requires_grad=True)
     y, _ = moe(x)
     g = torch.randn_like(y)
@@ -108,7 +109,7 @@ def test_moe_matches_reference_loop_forward_and_backward(d, n_experts, topk, mul
 
     x2 = x.detach().clone().requires_grad_()
     params = [p.detach().clone().requires_grad_() for p in (moe.router.weight, moe.w_fc, moe.w_proj)]
-    ref = naive_moe_forward(x2.view(-1, d), *params, topk).view_as(y)
+    ref = naive_moe_forward(x2.view(-1, d), *params, topk, router).view_as(y)
     (ref * g).sum().backward()
     assert torch.allclose(y, ref, atol=1e-5, rtol=1e-4)
     for got, want in zip(grads, [x2.grad] + [p.grad for p in params]):

@@ -26,8 +26,10 @@ def one_thread():
 
 
 def make_moe(d=16, n_experts=4, topk=2, mult=2, seed=0, **variant):
-    """An MoE layer with random (non-zero) weights everywhere, and zeroed buffers."""
+    """An MoE layer with random (non-zero) weights everywhere, and zeroed buffers. Switch's
+    routing (softmax, no bias updates) unless the variant says otherwise."""
     torch.manual_seed(seed)
+    variant = {"router": "softmax", "aux_free_bias": 0.0, **variant}
     moe = MoE(GPTConfig(n_embd=d, n_head=1, n_kv_head=1, use_moe=True, n_experts=n_experts, expert_topk=topk,
                         expert_hidden_mult=mult, **variant))
     nn.init.normal_(moe.router.weight, std=0.5)
@@ -69,7 +71,7 @@ def ref_moe_forward(moe, x_flat, capacity=None):
     second choices (GShard), in token order within a choice. Returns (out (N, d), assignments
     dropped). Differentiable."""
     _, ids, _ = ref_route(x_flat, moe.router.weight, moe.topk, moe.router_kind,
-                          moe.expert_bias if moe.use_bias else None, moe.route_scale)
+                          moe.expert_bias, moe.route_scale)
     n_tokens = x_flat.size(0)
     kept = [[True] * moe.topk for _ in range(n_tokens)]
     if capacity is not None:

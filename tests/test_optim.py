@@ -9,8 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat.gpt import GPTConfig, build_model
-from nanochat.moe import moe_layers, collect_step_loads, active_expert_masks
+from nanochat.moe import moe_layers
 from nanochat.optim import Muon, zeropower_via_newtonschulz5, setup_optimizers, all_reduce_grads
+from nanochat.train_step import optimizer_step
 
 
 def test_newton_schulz_flattens_the_spectrum():
@@ -62,6 +63,28 @@ def test_every_parameter_gets_exactly_one_optimizer_and_router_uses_adamw():
     assert all("initial_lr" in g for opt in (adamw, muon) for g in opt.param_groups)
 
 
+def test_mamba_scalars_are_never_weight_decayed():
+    """--weight-decay decays AdamW's parameters, but not Mamba-2's A_log, D and dt_bias (the
+    reference marks them no-decay). With a zero gradient Adam's update is 0, so a parameter
+    moves by decoupled weight decay alone: p * (1 - lr * wd)."""
+    cfg = GPTConfig(sequence_len=16, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, layer_pattern="AM",
+                    mamba_d_state=8, mamba_head_dim=16, mamba_chunk=8)
+    model = build_model(cfg, "cpu")
+    adamw, muon = setup_optimizers(model, weight_decay=0.1, scalar_lr=0.01, embedding_lr=0.2)
+    mamba = model.transformer.h[1].mamba
+    with torch.no_grad():
+        mamba.conv1d.bias.fill_(1.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    adamw.step()
+    for name in ("A_log", "D", "dt_bias"):
+        assert torch.equal(getattr(mamba, name), before[f"transformer.h.1.mamba.{name}"]), name
+    torch.testing.assert_close(mamba.conv1d.bias, before["transformer.h.1.mamba.conv1d.bias"] * (1 - 0.01 * 0.1))
+    wte_lr = 0.2 * (32 / 768) ** -0.5
+    torch.testing.assert_close(model.transformer.wte.weight, before["transformer.wte.weight"] * (1 - wte_lr * 0.1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Idle experts: an expert that got no token in an optimizer step is not moved by that step
 
@@ -79,17 +102,21 @@ def force_idle(model, expert, idle=True):
         m.expert_bias[expert] = -1e4 if idle else 0.0
 
 
+def step_loads(model):
+    """The tokens per expert counted since the last optimizer step, (L, E), read without resetting."""
+    return torch.stack([m.load_since_step.clone() for m in moe_layers(model)])
+
+
 def train_step(model, adamw, muon, micro_batches, before_micro=None):
-    """One optimizer step as base_train takes it: micro-steps, loads, AdamW, masked Muon."""
+    """One optimizer step as base_train takes it (train_step.optimizer_step: Muon's pre-step
+    hook masks the idle experts; nothing passed here). Returns the step's loads."""
     for i, idx in enumerate(micro_batches):
         if before_micro:
             before_micro(i)
         loss, aux = model(idx, idx)
         (loss + 0.01 * aux["balance_loss"]).backward()
-    loads = collect_step_loads(model)
-    adamw.step()
-    muon.step(active_experts=active_expert_masks(model, loads))
-    model.zero_grad(set_to_none=True)
+    loads = step_loads(model)
+    optimizer_step(model, [adamw, muon])
     return loads
 
 
@@ -134,8 +161,7 @@ def test_idle_expert_with_garbage_gradient_is_not_moved():
     for m in moe_layers(model):
         m.w_fc.grad[1] = float("nan")
         m.w_proj.grad[1] = float("nan")
-    loads = collect_step_loads(model)
-    muon.step(active_experts=active_expert_masks(model, loads))
+    muon.step()  # plain: the pre-step hook counts the tokens and masks expert 1
     for a, b in zip(expert_weights(model, 1), before):
         assert torch.equal(a, b)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -160,14 +186,15 @@ def _two_rank_worker(rank, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     model = idle_moe_model()
-    adamw, muon = setup_optimizers(model)
+    adamw, muon = setup_optimizers(model, world_size=2)
     force_idle(model, 3, idle=(rank == 0))
     idx = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(rank))
     loss, aux = model(idx, idx)
     loss.backward()
     all_reduce_grads(model, 2)
-    loads = collect_step_loads(model, world_size=2)
-    muon.step(active_experts=active_expert_masks(model, loads))
+    loads = step_loads(model)
+    dist.all_reduce(loads)  # what the hook will sum (it reads the counts itself)
+    muon.step()  # plain: the pre-step hook sums the counts over both ranks
     torch.save(dict(loads=loads, w=expert_weights(model, 3)), os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
