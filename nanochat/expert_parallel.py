@@ -39,7 +39,7 @@ from torch.distributed.nn.functional import all_to_all_single
 # (torch.distributed._functional_collectives); the public one works, so say it once, not per call
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_to_all_single is deprecated")
 
-from nanochat.moe import moe_layers, expert_mlp, group_sizes, inverse_permutation
+from nanochat.moe import moe_layers, expert_mlp, group_sizes, inverse_permutation, sort_keys
 
 
 def ep_groups(world_size, ep_size, rank):
@@ -68,13 +68,15 @@ def exchange_experts(x_sorted, w_fc, w_proj, offsets, group, ep_size):
     recv_counts = torch.empty_like(counts)
     dist.all_to_all_single(recv_counts, counts, group=group)    # equal splits: E/N counts per rank
     recv_counts = recv_counts.view(ep_size, n_local)             # [source rank, local expert]
-    send_splits = counts.view(ep_size, n_local).sum(dim=1).tolist()  # host sync: the sizes are data
-    recv_splits = recv_counts.sum(dim=1).tolist()
-    x_recv = all_to_all_single(x_sorted.new_empty(sum(recv_splits), d), x_sorted, recv_splits, send_splits, group=group)
+    # one host sync per layer: the split sizes are data (rows go out and come back in x_sorted's
+    # dtype, bf16 under autocast: the MoE gathers in the experts' dtype)
+    send_splits, recv_splits = torch.stack([counts.view(ep_size, n_local).sum(dim=1), recv_counts.sum(dim=1)]).tolist()
+    n_recv = sum(recv_splits)
+    x_recv = all_to_all_single(x_sorted.new_empty(n_recv, d), x_sorted, recv_splits, send_splits, group=group)
     # rows arrive by source, then expert: a stable sort by local expert groups them
     local_expert = torch.repeat_interleave(torch.arange(n_local, device=x_sorted.device).repeat(ep_size),
-                                           recv_counts.flatten())
-    order = torch.argsort(local_expert, stable=True)
+                                           recv_counts.flatten(), output_size=n_recv)  # known: no second sync
+    order = torch.argsort(sort_keys(local_expert, n_local), stable=True)
     local_offsets = torch.cumsum(recv_counts.sum(dim=0), dim=0).to(torch.int32)
     y_local = expert_mlp(x_recv.index_select(0, order), w_fc, w_proj, local_offsets)
     y_recv = y_local.index_select(0, inverse_permutation(order))

@@ -16,6 +16,9 @@ Dense linears are converted through `fp8_module_filter` (torchao Float8Linear). 
 torchao is imported only when --fp8 is asked for: on CPU its import prints CUDA warnings.
 """
 
+import inspect
+import re
+
 import torch
 import torch.nn as nn
 
@@ -33,18 +36,60 @@ def fp8_module_filter(module, fqn, precise=()):
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
+# The torchao the FP8 code was written against (pyproject.toml's `fp8` extra pins the series):
+# expert_mlp_fp8 calls a prototype function of it, whose keywords change between releases.
+TORCHAO_SERIES = "0.18"
+TORCHAO_MIN_TORCH = (2, 11)  # torchao 0.18's prebuilt kernels load only on torch >= 2.11
+TORCHAO_GROUPED_MM = "_to_fp8_rowwise_then_scaled_grouped_mm"
+TORCHAO_KEYWORD = "pad_token_groups_for_grouped_mm"
+
+
+def _version_tuple(version):
+    """(major, minor) of a version string such as '2.13.0+cu128'; None when it has none."""
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def check_torchao():
+    """The torchao that --fp8 needs is there and fits: the pinned series, on a torch it supports,
+    with the grouped GEMM and the keyword expert_mlp_fp8 passes. Raises UserError naming what is
+    missing or mismatched."""
+    install = f"pip install 'torchao=={TORCHAO_SERIES}.*' (or pip install -e '.[fp8]')"
+    try:
+        import torchao
+    except ImportError:
+        raise UserError(f"--fp8 needs torchao {TORCHAO_SERIES}.x, which is not installed: {install}")
+    version = str(getattr(torchao, "__version__", "unknown"))
+    if _version_tuple(version) != _version_tuple(TORCHAO_SERIES):
+        raise UserError(f"--fp8 needs torchao {TORCHAO_SERIES}.x (its FP8 grouped GEMM is called with "
+                        f"{TORCHAO_KEYWORD}=), found torchao {version}: {install}")
+    torch_version = _version_tuple(torch.__version__)
+    if torch_version is None or torch_version < TORCHAO_MIN_TORCH:
+        raise UserError(f"--fp8: torchao {version} needs torch >= {'.'.join(map(str, TORCHAO_MIN_TORCH))}, "
+                        f"found torch {torch.__version__}")
+    try:
+        from torchao.float8 import convert_to_float8_training  # noqa: F401  (convert_to_fp8 uses it)
+        from torchao.prototype import moe_training
+    except ImportError as e:
+        raise UserError(f"--fp8: torchao {version} does not import on torch {torch.__version__} ({e})")
+    grouped_mm = getattr(moe_training, TORCHAO_GROUPED_MM, None)
+    if grouped_mm is None:
+        raise UserError(f"--fp8: torchao {version} has no torchao.prototype.moe_training.{TORCHAO_GROUPED_MM}: {install}")
+    if TORCHAO_KEYWORD not in inspect.signature(grouped_mm).parameters:
+        raise UserError(f"--fp8: torchao {version}'s {TORCHAO_GROUPED_MM} takes no {TORCHAO_KEYWORD}= "
+                        f"(expert_mlp_fp8 passes it): {install}")
+
+
 def check_fp8_supported(device_type):
-    """Fail fast, before any model is built, when this machine cannot train in FP8."""
+    """Fail fast, before any model is built, when this machine cannot train in FP8: the device
+    first (so a CPU machine without torchao hears about the GPU), then torchao."""
     if device_type != "cuda" or not torch.cuda.is_available():
         raise UserError(f"--fp8 needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+, e.g. H100); "
                         f"this run is on {device_type}")
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < (8, 9):
         raise UserError(f"--fp8 needs compute capability 8.9+ (e.g. H100, L40S); this GPU is {major}.{minor}")
-    try:
-        import torchao.float8  # noqa: F401
-    except ImportError:
-        raise UserError("--fp8 needs torchao: pip install torchao")
+    check_torchao()
 
 
 def convert_to_fp8(model):

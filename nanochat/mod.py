@@ -47,7 +47,8 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
+
+from nanochat.moe import fp32_linear
 
 
 def mod_tokens(seq_len, capacity):
@@ -87,9 +88,10 @@ class MoDRouter(nn.Module):
         """(B, T, d) normed input -> (B, T) router scores, in fp32 even under autocast (as the
         MoE router: bf16 would tie and flip near-equal scores, and a bf16 score makes a bf16
         gate). Casting the operands is not enough: linear is on autocast's list and would run
-        in bf16 anyway, so autocast is switched off here (as in moe.route)."""
+        in bf16 anyway, so autocast is switched off here (as in moe.route); and fp32-accurate
+        where fp32 matmuls run as TF32 (moe.fp32_linear)."""
         with torch.autocast(device_type=xn.device.type, enabled=False):
-            return F.linear(xn.float(), self.router.weight.float()).squeeze(-1)
+            return fp32_linear(xn.float(), self.router.weight.float()).squeeze(-1)
 
     @torch.no_grad()
     def record_cut(self, scores, k):

@@ -42,10 +42,12 @@ def route(x, gate_weight, topk, router="softmax", bias=None, route_scale=1.0, ex
     grown model to make its source's choices (nanochat/grow.py), since rounding can flip a tie.
     Router math is fp32 even inside a bf16 autocast region: near-equal logits are where low
     precision flips top-k choices (measured: 0.38% of 16k tokens changed their top-2 of 8 under
-    CPU bf16 autocast, dev/LOG.md). Casting the operands is not enough, linear is on autocast's
-    list and would be cast back to bf16, so autocast is switched off here."""
+    CPU bf16 autocast; bf16 operands with fp32 accumulation flip 0.3-0.6%, TF32 0.04-0.07% at
+    init, dev/LOG.md). Casting the operands is not enough, linear is on autocast's list and
+    would be cast back to bf16, so autocast is switched off here; and the logits are
+    fp32-accurate where fp32 matmuls run as TF32 (fp32_linear)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        logits = F.linear(x.float(), gate_weight.float())
+        logits = fp32_linear(x.float(), gate_weight.float())
         if router == "sigmoid":
             # DeepSeek-V3: independent per-expert affinities; weights are the chosen affinities
             # renormalised, so experts do not compete through a softmax denominator.
@@ -62,6 +64,29 @@ def route(x, gate_weight, topk, router="softmax", bias=None, route_scale=1.0, ex
         else:
             weights = chosen / chosen.sum(dim=-1, keepdim=True)
         return weights * route_scale, expert_ids, probs, logits
+
+
+def tf32_round(x):
+    """fp32 -> the nearest value with TF32's 10 mantissa bits (round to nearest even): what a
+    TF32 tensor core reads of an fp32 operand."""
+    i = x.contiguous().view(torch.int32)
+    i = (i + (0xFFF + ((i >> 13) & 1))) & ~0x1FFF
+    return i.view(torch.float32)
+
+
+def fp32_linear(x, w, split=None):
+    """x @ w.T to fp32 accuracy. On CUDA with TF32 matmuls allowed (nanochat.common turns them
+    on), a plain fp32 matmul rounds its operands to 10 mantissa bits; then each operand is split
+    into its TF32 part and the remainder and three TF32 products are summed (the "3xTF32"
+    scheme: the dropped remainder x remainder term is below fp32's precision). Elsewhere (CPU,
+    TF32 off) one fp32 matmul. For routers: tiny (E x d) matmuls whose top-k flips at TF32.
+    split: force the three-product form (True) or the plain matmul (False); None = as above."""
+    if split is None:
+        split = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    if not split:
+        return F.linear(x, w)
+    x_hi, w_hi = tf32_round(x), tf32_round(w)
+    return F.linear(x_hi, w_hi) + (F.linear(x - x_hi, w_hi) + F.linear(x_hi, w - w_hi))
 
 
 def expert_counts(expert_ids, n_experts):
@@ -96,6 +121,13 @@ def router_z_loss(logits):
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
+def sort_keys(ids, n_values):
+    """ids in [0, n_values) as the narrowest integers that hold them (uint8 up to 256): a radix
+    sort passes over every bit of its key type, so 8-bit keys take one pass where int64 takes
+    eight; the stable order is the same (7-9x faster on our CPU, dev/LOG.md)."""
+    return ids.to(torch.uint8 if n_values <= 256 else torch.int32)
+
+
 def dispatch(expert_ids, n_experts, choice_major=False):
     """Sort assignments by expert. Returns
     order (N*k,)    : permutation of the flattened (token-major) assignments, grouped by expert
@@ -103,13 +135,15 @@ def dispatch(expert_ids, n_experts, choice_major=False):
     offsets (E,)    : int32 end offset of each expert's group (the grouped_mm convention)
     Inside an expert's group, rows are in token order (choice_major=False), or all first
     choices in token order, then all second choices, ... (choice_major=True: the priority a
-    capacity limit needs, GShard). All on device, no host sync."""
+    capacity limit needs, GShard). All on device, no host sync.
+    The sort keys are narrow (sort_keys)."""
     n_tokens, k = expert_ids.shape
+    keys = sort_keys(expert_ids, n_experts)
     if choice_major:
-        by_choice = torch.argsort(expert_ids.t().flatten(), stable=True)  # index j = choice * N + token
-        order = (by_choice % n_tokens) * k + by_choice // n_tokens       # back to token-major indices
+        by_choice = torch.argsort(keys.t().flatten(), stable=True)  # index j = choice * N + token
+        order = (by_choice % n_tokens) * k + by_choice // n_tokens  # back to token-major indices
     else:
-        order = torch.argsort(expert_ids.flatten(), stable=True)
+        order = torch.argsort(keys.flatten(), stable=True)
     token_ids = order // k
     counts = expert_counts(expert_ids, n_experts)
     offsets = torch.cumsum(counts, dim=0).to(torch.int32)
@@ -187,14 +221,20 @@ def grouped_linear(x, w, offsets):
     return torch.cat([F.linear(chunk, w[e]) for e, chunk in enumerate(chunks)], dim=0)
 
 
+def _autocast_dtype(x):
+    """The dtype CUDA autocast runs x's matmuls in (bf16 in training), else x's own: what the
+    MoE gathers its tokens in."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
+
+
 def _compute_dtype(x):
     """Under autocast, cast expert operands explicitly: grouped_mm and bmm on stacked weights are
     not all on autocast's op lists, and the CUDA grouped kernel wants bf16."""
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
     if torch.compiler.is_compiling() and x.device.type == "cpu":
         return torch.bfloat16  # see _grouped_mm_ok: compiled grouped_mm wants bf16
-    return x.dtype
+    return _autocast_dtype(x)
 
 
 def relu2(x):
@@ -218,13 +258,15 @@ def expert_mlp_padded(x_slots, w_fc, w_proj):
 
 
 def combine(y_sorted, order, inverse, weights):
-    """Undo the sort and take each token's weighted sum over its k expert outputs.
-    y_sorted: (N*k, d) in dispatch order, weights: (N, k). A gather back to token-major order
-    (its backward is the gather by `order`), then a batched (1 x k) @ (k x d) product:
-    deterministic, no atomics, no scatter."""
+    """Undo the sort and take each token's weighted sum over its k expert outputs, in fp32.
+    y_sorted: (N*k, d) in dispatch order, weights: (N, k) fp32 -> (N, d) fp32. A gather back to
+    token-major order (its backward is the gather by `order`: deterministic, no atomics, no
+    scatter), then a product with the weights and a sum over k: elementwise work that
+    torch.compile fuses into one kernel. Not a batched (1 x k) @ (k x d) matmul per token:
+    cuBLAS runs such tiny batched products far below memory bandwidth."""
     n_tokens, k = weights.shape
-    y = _GatherRows.apply(y_sorted, inverse, order, 1)
-    return torch.bmm(weights.to(y.dtype).unsqueeze(1), y.view(n_tokens, k, -1)).squeeze(1)
+    y = _GatherRows.apply(y_sorted, inverse, order, 1).view(n_tokens, k, -1)
+    return (y.float() * weights.unsqueeze(-1)).sum(dim=1)
 
 
 def expert_hidden_dim(config):
@@ -357,7 +399,9 @@ class MoE(nn.Module):
         balance_loss = switch_balance_loss(probs, expert_ids, self.n_experts, counts)
         z_loss = router_z_loss(logits)
         inverse = inverse_permutation(order)
-        x_sorted = gather_tokens(x_flat, token_ids, inverse, self.topk)
+        # dispatch in the experts' dtype: under bf16 autocast the gather (and the expert-parallel
+        # exchange) moves bf16 rows, half the bytes of the fp32 residual stream
+        x_sorted = gather_tokens(x_flat.to(_autocast_dtype(x_flat)), token_ids, inverse, self.topk)
         if use_capacity:
             capacity = math.ceil(self.capacity_factor * n_tokens * self.topk / self.n_experts)
             slots, kept = capacity_slots(expert_ids, order, offsets, capacity)
@@ -368,7 +412,7 @@ class MoE(nn.Module):
             n_dropped = (~kept).sum()
         else:
             y_sorted = self.run_experts(x_sorted, offsets)
-            n_dropped = torch.zeros((), device=x.device)
+            n_dropped = x.new_zeros((), dtype=torch.float32)
         out = combine(y_sorted, order, inverse, weights)
         if self.n_shared:
             out = out + self.shared_proj(relu2(self.shared_fc(x_flat))).to(out.dtype)
@@ -377,8 +421,9 @@ class MoE(nn.Module):
                 counts = counts.float()
                 self.load_since_step += counts
                 entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum()
-                extra = torch.stack([entropy, torch.tensor(float(n_tokens), device=x.device), n_dropped.float(),
-                                     balance_loss.detach(), z_loss.detach(), torch.ones((), device=x.device)])
+                # filled on the device: torch.tensor(python number, device=cuda) would be a blocking copy
+                extra = torch.stack([entropy, entropy.new_full((), n_tokens), n_dropped.float(),
+                                     balance_loss.detach(), z_loss.detach(), entropy.new_ones(())])
                 self.stats += torch.cat([counts, extra])
         return out.to(x.dtype).view(B, T, d), {"balance_loss": balance_loss, "z_loss": z_loss}
 

@@ -39,6 +39,31 @@ class MetricsLog:
             self.f.close()
 
 
+def hardware_info(device_type, world_size):
+    """What a run's step times depend on, for comparing wall clock across runs (scripts/compare):
+    the device's name (the GPU's, or the CPU model), the number of processes and torch's threads."""
+    if device_type == "cuda":
+        device = torch.cuda.get_device_name()
+    else:
+        device = cpu_model()
+        if device_type == "mps":
+            device = f"mps ({device})"
+    return dict(device=device, world_size=world_size, threads=torch.get_num_threads())
+
+
+def cpu_model():
+    """The CPU's model name (Linux /proc/cpuinfo; elsewhere what platform knows)."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def init_source(header):
     """The checkpoint a run's weights came from (base_train --init-from; through scripts.grow,
     the checkpoint that was grown), or None for a run from a random init."""

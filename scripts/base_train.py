@@ -6,7 +6,8 @@ Pretrain a GPT (dense, or MoE with --use-moe) on parquet text shards.
 
 Data (--data): `synthetic` (the built-in offline corpus, with an exact entropy floor),
 `fineweb` (downloads shards), or a path (a folder of shards, or .txt/.jsonl/.parquet files
-that are turned into shards). Missing corpus and tokenizer are prepared on first use.
+that are turned into shards). Missing corpus and tokenizer are prepared on first use
+(scripts/prepare_data.py; under torchrun, run that first).
 Everything a run writes goes to $NANOCHAT_BASE_DIR/runs/<model-tag>/ (metrics.jsonl,
 config.json, checkpoints/).
 """
@@ -29,23 +30,16 @@ from nanochat.common import (UserError, require, ArgumentParser, run_main, print
                              keep_freed_memory, atomic_write_json)
 from nanochat.gpt import GPTConfig
 from nanochat.model_args import add_model_args, validate_model_args, config_from_args
-from nanochat.report import MetricsLog, peak_memory_mb, finite_or_none, format_step_line, training_summary_rows, summary_table
-
-DATA_SOURCES = ("synthetic", "fineweb")
+from nanochat.report import (MetricsLog, peak_memory_mb, finite_or_none, format_step_line, training_summary_rows, summary_table,
+                             hardware_info)
+from scripts.prepare_data import add_data_args, validate_data_args, prepare_data
 
 
 def build_parser():
     p = ArgumentParser(prog="base_train", description="Pretrain a dense or MoE GPT.")
     add_model_args(p)  # shape, MoE and loss-weight flags, defaults from GPTConfig (nanochat/model_args.py)
     p.add_argument("--moe-stats-every", type=int, default=20, help="steps between routing-statistics records")
-    # Data
-    p.add_argument("--data", default=None, help="synthetic (default) | fineweb | PATH (folder of shards, or .txt/.jsonl/.parquet)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="vocab size when a tokenizer must be trained for --data")
-    p.add_argument("--synthetic-train-docs", type=int, default=20000, help="train documents of the built-in corpus")
-    p.add_argument("--text-field", default="text", help="--data PATH: the text field of .jsonl / column of .parquet inputs")
-    p.add_argument("--doc-separator", default=None, help="--data PATH: split .txt files on this string (default: blank lines)")
-    p.add_argument("--num-shards", type=int, default=8, help="--data fineweb: shards to download (the last is validation)")
-    p.add_argument("--data-url", default="", help="--data fineweb: base URL of the shards (default: FineWeb-Edu 100B shuffle)")
+    add_data_args(p)  # --data and how it is prepared (scripts/prepare_data.py); default None: see parse_args
     # Training horizon: the first of these that is set wins
     p.add_argument("--num-iterations", type=int, default=-1, help="explicit number of optimizer steps")
     p.add_argument("--target-flops", type=float, default=-1.0, help="train for this many FLOPs (active params)")
@@ -173,53 +167,12 @@ def validate_args(args, config, world_size):
             "--warmup-ratio and --warmdown-ratio must be in [0, 1] and sum to at most 1")
     require(args.resume_from_step in ("", "latest") or args.resume_from_step.isdigit(),
             f"--resume-from-step must be a step number or 'latest' (got {args.resume_from_step!r})")
-    require(args.vocab_size >= 257, f"--vocab-size must be >= 257 (256 bytes + BOS), got {args.vocab_size}")
-    if args.data not in DATA_SOURCES:
-        require(os.path.exists(args.data), f"--data {args.data!r}: not one of {', '.join(DATA_SOURCES)} and no such file or folder")
+    validate_data_args(args)
     device_type = check_device_type(args.device_type)
     if args.fp8:
         from nanochat.fp8 import check_fp8_supported
         check_fp8_supported(device_type)
     return device_type
-
-
-def prepare_data(args, rank, ddp):
-    """Make sure the shards and the tokenizer for --data exist (rank 0 prepares, others wait).
-    Returns (data_dir, tokenizer_dir)."""
-    from nanochat import dataset, synthetic, tokenizer as tok
-    base = get_base_dir()
-    built = False  # True when --data names the user's own files, turned into shards under base/data
-    if args.data in DATA_SOURCES:
-        name = args.data
-        data_dir = os.path.join(base, "data", name)
-    else:
-        path = os.path.abspath(args.data)
-        is_shard_folder = os.path.isdir(path) and any(f.startswith("shard_") and f.endswith(".parquet") for f in os.listdir(path))
-        name = "local_" + os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-        data_dir = path if is_shard_folder else os.path.join(base, "data", name)
-        built = not is_shard_folder
-    tokenizer_dir = tok.get_tokenizer_dir(name)  # a tokenizer belongs to the corpus it was trained on
-    if rank == 0:
-        if args.data == "synthetic":
-            if not os.path.exists(os.path.join(data_dir, "entropy.json")):
-                print0(f"Preparing the built-in corpus in {data_dir} (first use) ...")
-            synthetic.prepare_synthetic(data_dir, num_train_docs=args.synthetic_train_docs)
-        elif args.data == "fineweb":
-            url = args.data_url or dataset.DEFAULT_FINEWEB_URL
-            print0(f"Making sure {args.num_shards} shards from {url} are in {data_dir} ...")
-            dataset.download_shards(url, range(args.num_shards), data_dir)
-        elif built and not os.path.exists(os.path.join(data_dir, "build_info.json")):
-            print0(f"Building shards from {args.data} into {data_dir} ...")
-            dataset.build_shards([args.data], data_dir, text_field=args.text_field, separator=args.doc_separator)
-        elif built:
-            print0(f"Using shards built earlier from {args.data} in {data_dir} (delete that folder to rebuild)")
-        dataset.list_shards(data_dir)  # fails with a clear line when the folder is unusable
-        if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
-            print0(f"No tokenizer for this data yet: training one (vocab {args.vocab_size}) into {tokenizer_dir} ...")
-            tok.train_tokenizer(data_dir, tokenizer_dir, args.vocab_size)
-    if ddp:
-        dist.barrier()
-    return data_dir, tokenizer_dir
 
 
 def training_horizon(args, params, flops_per_token):
@@ -441,10 +394,11 @@ def train(args, config, device_type, device, ddp, rank, world_size, init=None):
                          loader_state=meta["loader_state"])
         print0(f"Resumed from {ckpt_dir} step {state.step}")
     start_step = state.step
+    hardware = hardware_info(device_type, world_size)  # scripts/compare compares step seconds on equal hardware only
     header = dict(type="header", config=config.to_dict(), args=vars(args), commit=git_commit(), model_tag=model_tag,
                   total=params["total"], active_total=params["active_total"], params=params,
                   flops_per_token=flops_per_token, tokens_per_step=tokens_per_step, num_iterations=num_iterations,
-                  world_size=world_size, device_type=device_type, data_dir=data_dir, entropy_floor=entropy_floor,
+                  world_size=world_size, device_type=device_type, hardware=hardware, data_dir=data_dir, entropy_floor=entropy_floor,
                   init_from=init and dict(checkpoint=init["checkpoint"], step=init["meta"]["step"], flops=init_flops,
                                           val_bpb=init["meta"].get("val_bpb"), grown_from=init["meta"].get("grown_from")))
     metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), master, resume_step=start_step)
@@ -555,6 +509,8 @@ def train(args, config, device_type, device, ddp, rank, world_size, init=None):
                       epochs=round(epochs, 4))
         if config.use_moe:
             record.update(balance_loss=balance_loss, z_loss=z_loss)
+        if use_compile and step == start_step + 1:  # its dt includes compilation: compare leaves that out
+            record.update(compile_warmup=True)
         if mtp_losses:  # per head: head i predicts token t+1+i (train_loss stays next-token)
             record.update(mtp_losses=mtp_losses)
         if n_mod:  # per routed block: the fraction the causal rule would process, its agreement with top-k
@@ -583,7 +539,7 @@ def train(args, config, device_type, device, ddp, rank, world_size, init=None):
                    final_val_bpb=state.val_bpb, final_val_bpb_topk=finite_or_none(state.val_bpb_topk),
                    min_val_bpb=state.min_val_bpb, entropy_floor=entropy_floor,
                    total=params["total"], active_total=params["active_total"], flops_per_token=flops_per_token,
-                   tok_per_sec=avg_tok_s, wall_time=wall, peak_memory_mb=peak_memory_mb(device_type),
+                   tok_per_sec=avg_tok_s, wall_time=wall, hardware=hardware, peak_memory_mb=peak_memory_mb(device_type),
                    optimizer_state_mib_per_rank=optim_mib, sharded_optimizer=sharded, epochs=round(epochs, 4))
     metrics.write(summary)
     metrics.close()

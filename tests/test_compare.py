@@ -7,19 +7,33 @@ import sys
 import pytest
 
 from scripts.compare import (bpb_at, flops_to_reach, compute_multiplier, frontier_multiplier, load_run, build_rows,
-                             plot, table_notes, REPEATED,
-                             markdown_table)
+                             plot, table_notes, REPEATED, step_seconds, markdown_table)
 from nanochat.common import UserError
+from nanochat.report import MetricsLog
+
+H100x8 = dict(device="NVIDIA H100 80GB HBM3", world_size=8, threads=1)
 
 
-def write_run(run_dir, evals, total, active, use_moe, floor=1.0, tok_s=1234.5):
+def write_run(run_dir, evals, total, active, use_moe, floor=1.0, tok_s=1234.5, dts=None, hardware=None, warmup=()):
+    """A finished run's metrics.jsonl. Without dts (older runs: no step times, no hardware) eval i
+    is at step i; with dts, one train record per step (dt seconds, steps in `warmup` flagged as
+    compile warm-up) and the evals spread evenly: eval i at step i * len(dts) / (len(evals) - 1)."""
     run_dir.mkdir(parents=True)
+    n = len(evals) - 1
+    eval_steps = [i * len(dts) // n for i in range(n + 1)] if dts else list(range(n + 1))
     records = [dict(type="header", config=dict(use_moe=use_moe), total=total, active_total=active, flops_per_token=6e6)]
-    records += [dict(type="eval", step=i, flops=f, val_bpb=b) for i, (f, b) in enumerate(evals)]
-    records += [dict(type="train", step=1, flops=evals[1][0], train_loss=5.0, mfu=None)]
-    records.append(dict(type="summary", step=len(evals), flops=evals[-1][0], tokens=int(evals[-1][0] / 6e6),
+    if hardware:
+        records[0]["hardware"] = hardware
+    records += [dict(type="eval", step=s, flops=f, val_bpb=b) for s, (f, b) in zip(eval_steps, evals)]
+    if dts:
+        records += [dict(type="train", step=s, flops=0, train_loss=5.0, mfu=None, dt=dt)
+                    | (dict(compile_warmup=True) if s in warmup else {}) for s, dt in enumerate(dts, 1)]
+    else:
+        records += [dict(type="train", step=1, flops=evals[1][0], train_loss=5.0, mfu=None)]
+    records.append(dict(type="summary", step=eval_steps[-1], flops=evals[-1][0], tokens=int(evals[-1][0] / 6e6),
                         final_val_bpb=evals[-1][1], entropy_floor=floor, total=total, active_total=active,
-                        flops_per_token=6e6, tok_per_sec=tok_s, wall_time=42.0, peak_memory_mb=321.0))
+                        flops_per_token=6e6, tok_per_sec=tok_s, wall_time=42.0, peak_memory_mb=321.0)
+                   | (dict(hardware=hardware) if hardware else {}))
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
 
 
@@ -75,7 +89,7 @@ def test_cli_writes_markdown_and_png(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "> 1.00" in r.stdout  # dense never reached 1.1
     md = (out / "comparison.md").read_text()
-    assert "Baseline for the compute multiplier: dense" in md
+    assert "Baseline for the compute and time multipliers: dense" in md
     png = (out / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -131,7 +145,7 @@ def test_epochs_column_and_repeated_data_marks_the_multiplier(tmp_path):
     rows, _ = build_rows(load(), baseline_idx=0, frontier_idx=[0, 1])
     assert [r["epochs"] for r in rows] == ["0.25", "1.00", "0.25"]
     assert rows[2]["multiplier"] == "2.00"  # exactly one pass is not a repeat
-    assert table_notes(rows, [0, 1]) == []
+    assert not any("repeated data" in n for n in table_notes(rows, [0, 1]))
     with_epochs("d4", 1.3)  # the larger frontier run repeats: the MoE's multiplier is marked
     rows, _ = build_rows(load(), baseline_idx=0, frontier_idx=[0, 1])
     assert rows[2]["multiplier"] == "2.00" + REPEATED and "repeated data" in table_notes(rows, [0, 1])[0]
@@ -166,9 +180,144 @@ def test_a_grown_run_shows_its_whole_lineage(tmp_path):
     header["init_from"] = dict(checkpoint=str(grown_ckpt), flops=2e12,
                                grown_from=dict(checkpoint=str(tmp_path / "dense" / "checkpoints" / "step_000002")))
     (tmp_path / "grown" / "metrics.jsonl").write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
-    _, _, evals, summary, _ = load_run(str(tmp_path / "grown"))
+    grown = load_run(str(tmp_path / "grown"))
+    evals, summary = grown.evals, grown.summary
     # the dense evals up to the step it was grown at (not its later step 3), then the grown run's own
     assert evals == [(0, 3.0), (1e12, 2.0), (2e12, 1.8), (5e12, 1.5), (8e12, 1.4)]
     assert summary["final_val_bpb"] == 1.4
-    _, _, dense_evals, _, _ = load_run(str(tmp_path / "dense"))
-    assert len(dense_evals) == 4  # a run without init_from is unchanged
+    assert len(load_run(str(tmp_path / "dense")).evals) == 4  # a run without init_from is unchanged
+
+
+# ---------------------------------------------------------------------------------------------
+# Wall clock: training step seconds, read like FLOPs, only between runs on the same hardware
+
+
+def test_step_seconds_leave_out_the_compile_warmup():
+    trains = [dict(type="train", step=1, dt=9.0, compile_warmup=True), dict(type="train", step=2, dt=1.0),
+              dict(type="train", step=3, dt=2.0), dict(type="train", step=4, dt=3.0)]
+    # the warm-up step counts at the median of the others (2.0): it trained, its compilation is not training
+    assert step_seconds(trains) == {1: 2.0, 2: 1.0, 3: 2.0, 4: 3.0}
+    assert step_seconds([dict(trains[0], compile_warmup=False)] + trains[1:])[1] == 9.0
+
+
+def test_clock_at_each_eval_is_the_seconds_of_the_steps_up_to_it(tmp_path):
+    evals = [(0, 3.0), (1e12, 2.0), (2e12, 1.8)]
+    write_run(tmp_path / "r", evals, 100, 100, False, dts=[9.0, 1.0, 2.0, 3.0], hardware=H100x8, warmup=(1,))
+    run = load_run(str(tmp_path / "r"))
+    assert run.clock == [(0, 3.0), (2.0 + 1.0, 2.0), (2.0 + 1.0 + 2.0 + 3.0, 1.8)]  # evals at steps 0, 2, 4
+    assert run.hardware == H100x8
+    write_run(tmp_path / "old", evals, 100, 100, False)  # metrics from before step times and hardware
+    assert load_run(str(tmp_path / "old")).hardware is None
+
+
+def test_a_resumed_run_sums_its_segments(tmp_path):
+    """Written through MetricsLog as base_train writes it: a first segment that got to step 5, a
+    crash, a resume from the step-3 checkpoint (steps 4 and 5 are trained again and counted once)."""
+    path = tmp_path / "resumed" / "metrics.jsonl"
+    train = lambda step, dt, warmup=False: dict(type="train", step=step, flops=step * 1e12, train_loss=4.0, mfu=None,
+                                                dt=dt, **(dict(compile_warmup=True) if warmup else {}))
+    log = MetricsLog(str(path), True)
+    log.write(dict(type="header", config=dict(use_moe=False), total=10, active_total=10, flops_per_token=6e6,
+                   hardware=H100x8))
+    log.write(dict(type="eval", step=0, flops=0, val_bpb=3.0))
+    for record in (train(1, 30.0, True), train(2, 1.0), train(3, 1.5), train(4, 1.0), train(5, 1.25)):
+        log.write(record)
+    log.write(dict(type="eval", step=4, flops=4e12, val_bpb=2.5))
+    log.close()
+    log = MetricsLog(str(path), True, resume_step=3)
+    for record in (train(4, 20.0, True), train(5, 2.0), train(6, 2.0)):
+        log.write(record)
+    log.write(dict(type="eval", step=6, flops=6e12, val_bpb=2.0))
+    log.write(dict(type="summary", step=6, flops=6e12, tokens=10, final_val_bpb=2.0, total=10, active_total=10,
+                   flops_per_token=6e6, tok_per_sec=1.0, wall_time=99.0, hardware=H100x8))
+    log.close()
+    run = load_run(str(tmp_path / "resumed"))
+    # steps 1-3 of the first segment, 4-6 of the second; each start's warm-up step at the median of
+    # the other steps (1.0, 1.5, 2.0, 2.0 -> 1.75)
+    assert run.clock == [(0, 3.0), (1.75 + 1.0 + 1.5 + 1.75 + 2.0 + 2.0, 2.0)] == [(0, 3.0), (10.0, 2.0)]
+    # resumed on another machine: its seconds compare with no other run's
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[-1]["hardware"] = dict(H100x8, device="NVIDIA A100-SXM4-80GB")
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert load_run(str(tmp_path / "resumed")).hardware == "changed on resume"
+
+
+D1, D4, MOE = ([(0, 3.0), (5e12, 1.9), (1e13, 1.6)], [(0, 3.0), (1e13, 1.7), (2e13, 1.55), (4e13, 1.4)],
+               [(0, 3.0), (5e12, 1.8), (1e13, 1.5)])
+
+
+def write_timed_runs(tmp_path, moe_hardware=H100x8):
+    """d1: 10 s to 1.6; d4: 40 s to 1.4 (evals at 10, 20 and 40 s); the MoE reaches 1.5 at 1e13 FLOPs in
+    20 s of steps (10 s each: its first step compiled for 300 s). So it is worth 2x the dense compute
+    (FLOPs) but its steps cost 2x the dense steps."""
+    write_run(tmp_path / "d1", D1, 1_000, 1_000, False, dts=[5.0, 5.0], hardware=H100x8)
+    write_run(tmp_path / "d4", D4, 1_000, 1_000, False, dts=[10.0] * 4, hardware=H100x8)
+    write_run(tmp_path / "moe", MOE, 2_000, 1_000, True, dts=[300.0, 10.0], hardware=moe_hardware, warmup=(1,))
+    return [load_run(str(tmp_path / n)) for n in ("d1", "d4", "moe")]
+
+
+def test_time_multiplier_hand_computed(tmp_path):
+    runs = write_timed_runs(tmp_path)
+    assert [r.clock[-1][0] for r in runs] == [10.0, 40.0, 20.0]
+    rows, _ = build_rows(runs, baseline_idx=0, frontier_idx=[0, 1])
+    # frontier (10 s, 1.6) - (40 s, 1.4): 1.5 halfway in bpb = halfway in log-seconds = 20 s; 20 / 20
+    assert [(r["multiplier"], r["time_multiplier"]) for r in rows] == [
+        ("frontier", "frontier"), ("frontier", "frontier"), ("2.00", "1.00")]
+    assert [r["train_s"] for r in rows] == ["10.00", "40.00", "20.00"]
+    # on d4's own curve: 1.5 a third of the way from (20 s, 1.55) to (40 s, 1.4) in log-seconds
+    rows, _ = build_rows(runs, baseline_idx=1)
+    assert rows[2]["multiplier"] == "2.52" and rows[2]["time_multiplier"] == f"{20 * 2 ** (1 / 3) / 20:.2f}" == "1.26"
+    assert rows[1]["time_multiplier"] == "1 (baseline)"
+    # beyond the frontier: the MoE at 1.3 -> "> 40 / 20"
+    write_run(tmp_path / "moe_low", [(0, 3.0), (5e12, 1.6), (1e13, 1.3)], 2_000, 1_000, True, dts=[10.0, 10.0],
+              hardware=H100x8)
+    rows, _ = build_rows(runs + [load_run(str(tmp_path / "moe_low"))], baseline_idx=0, frontier_idx=[0, 1])
+    assert rows[3]["time_multiplier"] == "> 2.00"
+
+
+def test_time_multiplier_only_on_the_same_hardware(tmp_path):
+    runs = write_timed_runs(tmp_path, moe_hardware=dict(H100x8, threads=2))
+    rows, _ = build_rows(runs, baseline_idx=0, frontier_idx=[0, 1])
+    assert rows[2]["multiplier"] == "2.00" and rows[2]["time_multiplier"] == "n/a (hardware differs)"
+    notes = table_notes(rows, [0, 1], runs)
+    assert any(n.startswith("Hardware: ") and "moe: NVIDIA H100 80GB HBM3, 8 process(es), 2 thread(s)" in n for n in notes)
+    assert any("step time only" in n for n in notes)
+    write_run(tmp_path / "old_moe", MOE, 2_000, 1_000, True)  # no hardware recorded
+    rows, _ = build_rows(runs[:2] + [load_run(str(tmp_path / "old_moe"))], baseline_idx=0, frontier_idx=[0, 1])
+    assert rows[2]["time_multiplier"] == "n/a (hardware unknown)"
+
+
+def test_cli_prints_time_multipliers_and_plots_seconds(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = write_timed_runs(tmp_path)
+    out = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, "-m", "scripts.compare", "--runs", *(str(tmp_path / n) for n in ("d1", "d4", "moe")),
+                        "--frontier", str(tmp_path / "d1"), str(tmp_path / "d4"), "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    header, _, _, _, moe = r.stdout.splitlines()[:5]
+    assert "| compute multiplier | step seconds | time multiplier (step time) |" in header
+    assert moe.startswith("| moe ") and moe.endswith("| 2.00               | 20.00        | 1.00                        |")
+    assert "evaluations, samples, checkpoints and torch.compile's compilation" in r.stdout
+    assert "time multiplier (step time)" in (out / "comparison.md").read_text()
+    lines = plot(runs, 1e13, str(tmp_path / "p.png"), frontier_idx=[0, 1])
+    assert lines["time: frontier: d1, d4 (final points)"] == [(10.0, 1.6), (40.0, 1.4)]
+    assert lines["frontier: d1, d4 (final points)"] == [(1e13, 1.6), (4e13, 1.4)]
+    moe_time = next(v for k, v in lines.items() if k.startswith("time: moe "))
+    assert moe_time == [(10.0, 1.8), (20.0, 1.5)]  # the step-0 eval at 0 s is off the log axis
+    runs = write_timed_runs(tmp_path / "other", moe_hardware=dict(H100x8, world_size=4))
+    assert not any(k.startswith("time: ") for k in plot(runs, 1e13, str(tmp_path / "q.png")))
+
+
+def test_a_run_started_from_another_has_no_time_multiplier(tmp_path):
+    # its curve starts at its source's FLOPs, but the seconds its source's steps took are another run's
+    write_run(tmp_path / "dense", D4, 1_000, 1_000, False, dts=[10.0] * 4, hardware=H100x8)
+    write_run(tmp_path / "grown", [(1e13, 1.7), (2e13, 1.5)], 2_000, 1_000, True, dts=[10.0], hardware=H100x8)
+    path = tmp_path / "grown" / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[0]["init_from"] = dict(checkpoint=str(tmp_path / "gone" / "checkpoints" / "step_000001"), flops=1e13)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    runs = [load_run(str(tmp_path / n)) for n in ("dense", "grown")]
+    assert runs[1].clock is None
+    rows, _ = build_rows(runs, baseline_idx=0)
+    assert rows[1]["multiplier"] == f"{2e13 * 2 ** (1 / 3) / 2e13:.2f}" and rows[1]["time_multiplier"] == "n/a (--init-from)"

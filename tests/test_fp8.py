@@ -3,6 +3,7 @@ fail-fast check, and that torchao is never imported unless --fp8 asks for it."""
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import UserError
-from nanochat.fp8 import check_fp8_supported, fp8_module_filter, pad_token_groups, expert_mlp_fp8
+from nanochat.fp8 import check_fp8_supported, check_torchao, fp8_module_filter, pad_token_groups, expert_mlp_fp8
 from nanochat.moe import expert_mlp
 from nanochat.gpt import GPTConfig, build_model
 
@@ -91,6 +92,69 @@ def test_check_fp8_supported_refuses_without_a_cuda_gpu(device_type):
     msg = str(e.value)
     assert "--fp8" in msg and "CUDA" in msg and device_type in msg
     assert "\n" not in msg
+
+
+def install_fake_torchao(monkeypatch, version="0.18.0+cu128", keyword=True, has_grouped_mm=True):
+    """A stand-in torchao in sys.modules (the real one may not be installed here): its version,
+    float8, and the prototype grouped GEMM with or without the keyword expert_mlp_fp8 passes."""
+    def grouped_mm(A, B_t, offs, out_dtype=torch.bfloat16, float8_dtype=None, pad_token_groups_for_grouped_mm=True):
+        pass
+
+    def old_grouped_mm(A, B_t, offs, out_dtype=torch.bfloat16):
+        pass
+    root, float8 = types.ModuleType("torchao"), types.ModuleType("torchao.float8")
+    prototype, moe_training = types.ModuleType("torchao.prototype"), types.ModuleType("torchao.prototype.moe_training")
+    root.__version__, root.float8, root.prototype, prototype.moe_training = version, float8, prototype, moe_training
+    float8.convert_to_float8_training = lambda model, module_filter_fn=None: model
+    if has_grouped_mm:
+        moe_training._to_fp8_rowwise_then_scaled_grouped_mm = grouped_mm if keyword else old_grouped_mm
+    for name, module in (("torchao", root), ("torchao.float8", float8), ("torchao.prototype", prototype),
+                         ("torchao.prototype.moe_training", moe_training)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_check_torchao_accepts_the_pinned_series(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cu128")
+    install_fake_torchao(monkeypatch)
+    check_torchao()
+    install_fake_torchao(monkeypatch, version="0.18.2")
+    check_torchao()
+
+
+@pytest.mark.parametrize("fake,torch_version,expected", [
+    (None, "2.13.0", "torchao 0.18.x, which is not installed: pip install 'torchao==0.18.*'"),
+    (dict(version="0.17.1"), "2.13.0", "found torchao 0.17.1"),
+    (dict(version="0.19.0"), "2.13.0", "found torchao 0.19.0"),
+    (dict(version="0.18.0"), "2.10.0", "torchao 0.18.0 needs torch >= 2.11, found torch 2.10.0"),
+    (dict(has_grouped_mm=False), "2.13.0", "no torchao.prototype.moe_training._to_fp8_rowwise_then_scaled_grouped_mm"),
+    (dict(keyword=False), "2.13.0", "takes no pad_token_groups_for_grouped_mm="),
+])
+def test_check_torchao_names_what_is_missing_or_mismatched(monkeypatch, fake, torch_version, expected):
+    monkeypatch.setattr(torch, "__version__", torch_version)
+    if fake is None:
+        monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao raises ImportError
+    else:
+        install_fake_torchao(monkeypatch, **fake)
+    with pytest.raises(UserError) as e:
+        check_torchao()
+    msg = str(e.value)
+    assert msg.startswith("--fp8") and expected in msg and "\n" not in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_check_fp8_supported_names_the_device_before_torchao(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        check_fp8_supported("cpu")
+
+
+def test_check_torchao_with_the_installed_torchao():
+    torchao = pytest.importorskip("torchao")
+    if torchao.__version__.startswith("0.18.") and torch.__version__ >= "2.11":
+        check_torchao()  # the keyword expert_mlp_fp8 passes is in the real signature
+    else:
+        with pytest.raises(UserError, match=f"torchao {torchao.__version__}"):
+            check_torchao()
 
 
 def test_importing_fp8_does_not_import_torchao():

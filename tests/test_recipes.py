@@ -3,11 +3,16 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
+
+from nanochat.common import UserError
+from tests.test_base_train import train_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["runs/runcpu.sh", "runs/tmp_moe.sh", "runs/test.sh", "runs/setup_env.sh", "runs/gpu_check.sh", "runs/grow.sh",
@@ -53,17 +58,141 @@ def test_runcpu_moe_flags_reach_only_the_moe_run():
     assert moe.endswith("--router softmax --aux-free-bias 0 --balance-loss-coeff 0.01 --model-tag cpu_moe")
 
 
-def test_tmp_moe_dry_run_uses_torchrun_fp8_and_wandb():
-    cmds = dry_run("runs/tmp_moe.sh", NPROC="1", WANDB_RUN="exp1")
-    prepare, dense, moe, compare = cmds
-    assert "--data fineweb" in prepare
-    for cmd in (dense, moe):
-        assert cmd.startswith("torchrun --standalone --nproc_per_node=1 -m scripts.base_train --")
-        assert "--fp8" in cmd and "--depth 12" in cmd and "--max-seq-len 1024" in cmd and "--head-dim 64" in cmd
-    assert "--run exp1 " in dense + " " and "--run exp1_moe" in moe
-    assert "--n-experts 8 --expert-topk 2 --expert-hidden-mult 2" in moe
-    assert "scripts.compare" in compare
-    assert "--fp8" not in " ".join(dry_run("runs/tmp_moe.sh", FP8="0"))
+def tmp_moe_dry_run(**env):
+    return [shlex.split(line) for line in dry_run("runs/tmp_moe.sh", **env)]
+
+
+def flag(cmd, name):
+    """The value after `name` in a command's argv (None when absent)."""
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+def base_train_argv(cmd, nproc):
+    """base_train's flags in a printed torchrun command; None for a command that is not one."""
+    if "scripts.base_train" not in cmd:
+        return None
+    i = cmd.index("scripts.base_train")
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and cmd[i - 1] == "-m", cmd
+    assert f"--nproc_per_node={nproc}" in cmd[:i], cmd
+    return cmd[i + 1:]  # with the "--" torchrun passes through (base_train drops it)
+
+
+def test_tmp_moe_defaults_fp8_off_frontier_on_fineweb_prepared_first():
+    prepare, dense, moe, dense_2x, compare = tmp_moe_dry_run()
+    assert prepare[1:] == ["-m", "scripts.prepare_data", "--data", "fineweb", "--vocab-size", "65536", "--num-shards", "64"]
+    for cmd in (dense, moe, dense_2x):
+        argv = base_train_argv(cmd, 8)
+        assert "--fp8" not in argv and flag(argv, "--data") == "fineweb" and flag(argv, "--device-type") == "cuda"
+        assert (flag(argv, "--depth"), flag(argv, "--max-seq-len"), flag(argv, "--head-dim")) == ("12", "1024", "64")
+    assert flag(dense, "--target-flops") == flag(moe, "--target-flops") == "2e18"
+    assert flag(dense_2x, "--target-flops") == "4e+18" and "--use-moe" not in dense + dense_2x
+    assert moe[moe.index("--use-moe"):moe.index("--run")] == ["--use-moe", "--n-experts", "8", "--expert-topk", "2",
+                                                              "--expert-hidden-mult", "2"]
+    assert [flag(c, "--model-tag") for c in (dense, moe, dense_2x)] == ["tmp_dense_d12", "tmp_moe_d12", "tmp_dense_d12_2x"]
+    assert compare[1:] == ["-m", "scripts.compare", "--runs", "tmp_dense_d12", "tmp_moe_d12", "tmp_dense_d12_2x",
+                           "--frontier", "tmp_dense_d12", "tmp_dense_d12_2x", "--out", compare[-1]]
+
+
+def test_tmp_moe_knobs(tmp_path):
+    cmds = tmp_moe_dry_run(FP8="1", NPROC="1", WANDB_RUN="exp1")
+    assert "--fp8" not in cmds[0] and all("--fp8" in c for c in cmds[1:4]) and "--fp8" not in cmds[-1]
+    assert [flag(c, "--run") for c in cmds[1:4]] == ["exp1", "exp1_moe", "exp1_dense_2x"]
+    assert all(base_train_argv(c, 1) for c in cmds[1:4])
+    prepare, dense, moe, compare = tmp_moe_dry_run(FRONTIER="0", DATA=str(tmp_path), MOE_FLAGS="--router softmax --aux-free-bias 0")
+    assert prepare[3:] == ["--data", str(tmp_path), "--vocab-size", "65536"]  # own files: no shards to download
+    assert flag(dense, "--data") == flag(moe, "--data") == str(tmp_path)
+    assert "--router" not in dense and moe[-6:-4] == ["--aux-free-bias", "0"]
+    assert compare[3:7] == ["--runs", "tmp_dense_d12", "tmp_moe_d12", "--out"]  # one dense curve, no --frontier
+    cmds = tmp_moe_dry_run(FRONTIER_MULTS="0.5 2", TARGET_FLOPS="1e19", DEPTH="20")
+    assert [flag(c, "--target-flops") for c in cmds[1:5]] == ["1e19", "1e19", "5e+18", "2e+19"]
+    assert cmds[-1][cmds[-1].index("--frontier"):-2] == ["--frontier", "tmp_dense_d20", "tmp_dense_d20_0.5x",
+                                                          "tmp_dense_d20_2x"]
+
+
+# The CPU smoke of tests/test_recipes.py::test_tmp_moe_cpu_smoke: depth 2, width 64, 2 processes (gloo)
+TMP_MOE_SMOKE = dict(DEVICE="cpu", NPROC="2", SETUP="0", DATA="synthetic", SYNTHETIC_DOCS="1000", DEPTH="2", WIDTH="64",
+                     HEAD_DIM="32", SEQ_LEN="64", BATCH="4", TOTAL_BATCH="512", VOCAB="512", TARGET_FLOPS="5e9",
+                     EVAL_EVERY="5", EVAL_TOKENS="1024", N_EXPERTS="4", TRAIN_FLAGS="--sample-every -1")
+
+
+@pytest.mark.parametrize("env", [
+    {}, dict(NPROC="1", FP8="1"), dict(NPROC="4", DEPTH="20", WIDTH="1280", TARGET_FLOPS="1e19", FRONTIER_MULTS="0.5 2 4"),
+    dict(DATA="synthetic", VOCAB="4096", MOE_FLAGS="--router softmax --aux-free-bias 0 --balance-loss-coeff 0.01"),
+    dict(FRONTIER="0", TOPK="1", EXPERT_MULT="4", N_EXPERTS="16"), TMP_MOE_SMOKE,
+], ids=["defaults", "one-gpu-fp8", "d20-4gpu", "synthetic-switch", "top1", "cpu-smoke"])
+def test_tmp_moe_every_printed_command_passes_argument_validation(monkeypatch, env):
+    """Each base_train command goes through base_train's own checks (as main runs them, with the
+    world size torchrun gives it), the machine aside: CUDA and FP8 are assumed present here."""
+    from nanochat import fp8
+    from scripts import base_train, prepare_data, compare
+    real_check = base_train.check_device_type
+    monkeypatch.setattr(base_train, "check_device_type", lambda d: "cuda" if d == "cuda" else real_check(d))
+    fp8_checked = []
+    monkeypatch.setattr(fp8, "check_fp8_supported", fp8_checked.append)
+    nproc = int(env.get("NPROC", 8))
+    prepare, *trains, last = tmp_moe_dry_run(**env)
+    assert prepare[1:3] == ["-m", "scripts.prepare_data"]
+    data_args = prepare_data.build_parser().parse_args(prepare[3:])
+    prepare_data.validate_data_args(data_args)
+    tags, dense = [], []
+    for cmd in trains:
+        argv = base_train_argv(cmd, nproc)
+        args = base_train.parse_args(argv)
+        config = base_train.resolve_config(args, base_train.explicit_flags(argv), None)
+        assert base_train.validate_args(args, config, nproc) == env.get("DEVICE", "cuda")
+        # the same data flags as the preparation: base_train finds it all in place (the built-in
+        # corpus would be rebuilt under rank 0 for another --synthetic-train-docs)
+        assert {k: getattr(args, k) for k in vars(data_args)} == vars(data_args)
+        tags.append(args.model_tag)
+        if not config.use_moe:
+            dense.append(args.model_tag)
+    assert fp8_checked == (["cuda"] * len(trains) if env.get("FP8") == "1" else [])
+    compare_args = compare.build_parser().parse_args(last[3:])
+    assert last[1:3] == ["-m", "scripts.compare"] and compare_args.runs == tags
+    assert compare_args.frontier == ([] if env.get("FRONTIER") == "0" else dense)
+
+
+def test_tmp_moe_validation_catches_a_bad_knob(monkeypatch):
+    from scripts import base_train
+    argv = base_train_argv(tmp_moe_dry_run(BATCH="3")[1], 8)  # 3 x 1024 x 8 does not divide 524288
+    args = base_train.parse_args(argv)
+    with pytest.raises(UserError, match="--total-batch-size 524288"):
+        base_train.validate_args(args, base_train.resolve_config(args, base_train.explicit_flags(argv), None), 8)
+
+
+@pytest.mark.slow
+def test_tmp_moe_cpu_smoke(tmp_path):
+    """The 8-GPU script end to end on CPU: prepare, 2-process torchrun runs (dense, MoE, dense at 2x),
+    compare with the frontier and time multipliers. No network: set-up skipped, built-in corpus."""
+    base = tmp_path / "base"
+    env = train_env(base, dict(TMP_MOE_SMOKE, PYTHON=sys.executable))
+    env.pop("DRY_RUN", None)
+    t0 = time.time()
+    r = subprocess.run(["bash", "runs/tmp_moe.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.time() - t0
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "Traceback" not in r.stderr
+    assert seconds < 120, seconds
+    # the data and tokenizer were prepared once, before torchrun started; the runs found them
+    out = r.stdout
+    first_torchrun = out.index("torch.distributed.run")
+    assert out.count("Preparing the built-in corpus") == 1 and out.index("Preparing the built-in corpus") < first_torchrun
+    assert out.count("training one (vocab 512)") == 1
+    assert f"tokenizer: {base / 'tokenizers' / 'synthetic'} (vocab 512)" in out[:first_torchrun]
+    flops = {}
+    for tag in ("tmp_dense_d2", "tmp_moe_d2", "tmp_dense_d2_2x"):
+        records = [json.loads(line) for line in (base / "runs" / tag / "metrics.jsonl").read_text().splitlines()]
+        header, summary = records[0], records[-1]
+        assert header["world_size"] == 2 and header["device_type"] == "cpu" and summary["type"] == "summary"
+        assert header["hardware"]["world_size"] == 2 and header["hardware"]["threads"] == 1
+        assert all(r["dt"] > 0 for r in records if r["type"] == "train")
+        flops[tag] = summary["flops"]
+    assert flops["tmp_dense_d2_2x"] == pytest.approx(2 * flops["tmp_dense_d2"], rel=0.1)
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert "time multiplier (step time)" in table[0]
+    moe_row = next(line for line in table if line.startswith("| tmp_moe_d2 "))
+    assert re.search(r"\| (<= |> )?\d+\.\d\d(†)? +\|$", moe_row), moe_row  # a number: same hardware
+    assert (base / "comparisons" / "tmp_d2" / "comparison.md").exists()
 
 
 GPU_CHECK_LIMIT = re.compile(r"timeout -k 10 (\d+) (.*)")
@@ -81,10 +210,11 @@ def gpu_check_dry_run(**env):
 
 def test_gpu_check_dry_run_default_stages_in_order_with_limits():
     stages = gpu_check_dry_run()
-    (lt, tests), (ls, step), (lp, parts), (lf, step_fp8), (lb, bench) = stages
+    (lt, tests), (ls, step), (lp, parts), (lf, step_fp8), (lm, tmp_moe), (lb, bench) = stages
     assert tests == "python -m pytest -q tests/test_cuda.py"
-    assert step.startswith("python -m scripts.bench_step --depth 12 --n-embd 768 --head-dim 128 --max-seq-len 1024 "
-                           "--vocab-size 32768")
+    # the shape of the first GPU measurement: depth 8, width 768, 32 rows x 1024 = 32k tokens
+    assert step.startswith("python -m scripts.bench_step --depth 8 --n-embd 768 --head-dim 128 --max-seq-len 1024 "
+                           "--vocab-size 32768 --rows 32")
     assert "--dtype bf16 --device-type cuda --compile on --profile 25" in step
     assert step.endswith("--variant dense: --variant moe:--use-moe")
     assert step_fp8 == step + " --fp8" and "--fp8" not in step
@@ -94,6 +224,12 @@ def test_gpu_check_dry_run_default_stages_in_order_with_limits():
     assert variants.startswith("python -m scripts.bench_step --depth 8") and "--compile on" in variants
     assert "mod:--mod-capacity 0.125" in variants and "mtp:--mtp-heads 1" in variants
     assert bench == "python -m scripts.bench_moe --step-only --dtype bf16 --device-type cuda --compile on --repeats 10"
+    # the recipe on one GPU: no set-up (offline), the built-in corpus, its own base dir
+    assert tmp_moe.startswith("env SETUP=0 PYTHON=python NANOCHAT_BASE_DIR=") and tmp_moe.endswith("bash runs/tmp_moe.sh")
+    assert "NPROC=1" in tmp_moe and "DATA=synthetic" in tmp_moe and "DEVICE=cuda" in tmp_moe
+    # BEFORE=DIR: the step bench in the exported older tree first, the same command, on the same card
+    with_before = gpu_check_dry_run(BEFORE="gpu_before")
+    assert [c for _, c in with_before[1:3]] == [f"env -C gpu_before PYTHONPATH=. {step}", step]
     assert all(10 <= lim <= 150 for lim, _ in stages)  # the whole run is also capped by TOTAL_LIMIT
     assert "base_train" not in " ".join(c for _, c in stages)  # train needs a tokenizer: opt-in
     # STAGES picks stages (in the script's order); <STAGE>_LIMIT overrides one stage's limit
