@@ -57,6 +57,9 @@ class KVCache:
         self.filled = {}   # routed layer -> max over rows of lengths (a host int: slices need one)
         self.mamba_layers = set(mamba_layers)
         self.mamba = {}    # Mamba layer -> its state tuple (None before the first forward)
+        # smear: the last consumed token's normed embedding (B, 1, d), the previous token of the
+        # next forward's first one (set by GPT.forward)
+        self.prev_embedding = None
 
     def get_pos(self):
         return self.pos
@@ -135,6 +138,8 @@ class KVCache:
         self.v = [None if t is None else t.repeat_interleave(n, dim=0) for t in self.v]
         self.lengths = {i: t.repeat_interleave(n, dim=0) for i, t in self.lengths.items()}
         self.mamba = {i: tuple(t.repeat_interleave(n, dim=0) for t in s) for i, s in self.mamba.items()}
+        if self.prev_embedding is not None:
+            self.prev_embedding = self.prev_embedding.repeat_interleave(n, dim=0)
 
     def nbytes(self):
         tensors = [t for t in self.k + self.v if t is not None] + [t for s in self.mamba.values() for t in s]
@@ -199,8 +204,8 @@ def generate_batch(model, prompts, max_tokens, num_samples=1, temperature=1.0, t
 
     With the KV cache the prompts are prefilled once, the cache replicated num_samples times,
     then one token per row per step is decoded; without it, each step re-runs the model over
-    the full context (the reference the cache is tested against; no sliding window, so both
-    paths see the same context). A row stops at BOS (end of document) when stop_at_bos;
+    the full context (the reference the cache is tested against; sliding-window layers apply
+    the same window on both paths). A row stops at BOS (end of document) when stop_at_bos;
     generation stops early once every row has. bos_token_id: pass tokenizer.get_bos_token_id();
     None = the tokenizer's convention (special tokens follow the merged ones, in SPECIAL_TOKENS
     order) applied to the model's vocabulary size. Prompt plus continuation never exceed the
@@ -217,8 +222,10 @@ def generate_batch(model, prompts, max_tokens, num_samples=1, temperature=1.0, t
     max_tokens = min(max_tokens, limit - T)
     rows = len(prompts) * num_samples
     rng = torch.Generator(device=device).manual_seed(seed)
-    # bf16 on CUDA, as in training; CPU stays fp32
-    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    # bf16 on CUDA, as in training; CPU stays fp32. A cast_weights model runs in its own
+    # compute_dtype (GPT.set_compute_dtype), without autocast, as it trains
+    cuda_autocast = device.type == "cuda" and not model.config.cast_weights
+    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda_autocast else nullcontext()
     prompt = torch.tensor(prompts, dtype=torch.long, device=device)
     ids = prompt.repeat_interleave(num_samples, dim=0)  # (rows, T): the history, for the penalty
     done = torch.zeros(rows, dtype=torch.bool, device=device)

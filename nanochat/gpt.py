@@ -7,6 +7,10 @@ The GPT, nanochat style:
 - optional multi-token prediction heads (mtp_heads; training only)
 - optional Mixture-of-Depths (mod_capacity; every mod_freq-th block; see nanochat/mod.py)
 - optional Mamba-2 layers in place of attention (layer_pattern; see nanochat/mamba.py)
+- optional pieces of nanochat's current model, each off by default (see GPTConfig): value
+  embeddings, per-layer residual/x0 scalars, smear, backout, sliding windows (attention,
+  rotary and windows live in nanochat/attention.py), rotary base, q/k scale, vocab padding,
+  init scales, weights cast to the activation dtype
 """
 
 from dataclasses import dataclass, asdict
@@ -15,10 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.attention import (CausalSelfAttention, CastLinear, apply_rotary_emb, has_value_embed, layer_windows,
+                                linear_class, norm, precompute_rotary)
 from nanochat.mamba import Mamba2
 from nanochat.moe import MoE, moe_layers, relu2
 from nanochat.mod import (MoDRouter, mod_tokens, topk_positions, gather_positions, scatter_positions, gather_rotary,
-                          straight_through_gate, causal_stats, routed_attention_mask)
+                          straight_through_gate, causal_stats)
+
+SMEAR_GATE_CHANNELS = 24  # the smear gate reads the first 24 channels of the token's embedding
 
 
 @dataclass
@@ -80,6 +88,34 @@ class GPTConfig:
     mamba_head_dim: int = 64
     mamba_chunk: int = 64
     mamba_d_conv: int = 4
+    # nanochat's model as of 2026 (MODEL_PRESETS["nanochat"] in nanochat/model_args.py turns
+    # them all on). Each is off by default, and off is the model above bit for bit.
+    # value_embeds: ResFormer value residual (Zhou et al. 2024; modded-nanogpt): an extra
+    # (padded_vocab, n_kv_head * head_dim) embedding per layer on alternating layers ending at
+    # the last one, added to v through a per-kv-head gate 3 * sigmoid(W x[..., :12]).
+    # Attention layers only: a Mamba layer that the rule picks gets none. MTP heads get none.
+    value_embeds: bool = False
+    # layer_lambdas: modded-nanogpt's per-layer scalars, before block i:
+    # x = resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0 = the normed, smeared embedding).
+    layer_lambdas: bool = False
+    # smear: the previous token's normed embedding added to the current one, weighted by
+    # smear_lambda * sigmoid(W e[..., :24]) (a cheap bigram; modded-nanogpt's smear).
+    smear: bool = False
+    # backout: backout_lambda (init 0.2) times the residual after layer n_layer // 2 is
+    # subtracted before the final norm (modded-nanogpt: removes low-level features).
+    backout: bool = False
+    # Sliding-window attention per layer, tiled: L = full, S = short window (nanochat/attention.py:
+    # 128 * ceil(sequence_len / 512) and the W vs W+1 convention); the last layer always L.
+    window_pattern: str = "L"
+    rotary_base: float = 10000.0
+    qk_scale: float = 1.0         # q and k multiplied by this after QK-norm (nanochat 1.2)
+    vocab_pad: int = 1            # wte, lm_head, value embeddings padded to a multiple (nanochat 64)
+    embedding_init_std: float = 1.0
+    fc_init_scale: float = 1.0    # the first MLP matrix's (and experts') uniform bound x this (nanochat 0.4)
+    # cast_weights: every linear casts its fp32 weight to the activation's dtype, and the
+    # embeddings are cast to the model's compute_dtype (GPT.set_compute_dtype; bf16 on CUDA):
+    # nanochat's replacement for autocast. Off: autocast decides, as before.
+    cast_weights: bool = False
 
     def to_dict(self):
         return asdict(self)
@@ -95,75 +131,19 @@ class GPTConfig:
         # mod_freq=2 -> blocks 1, 3, 5, ... are routed (every other block, as in Raposo et al.).
         return self.mod_capacity > 0 and (layer_idx + 1) % self.mod_freq == 0
 
+    def has_value_embed(self, layer_idx):
+        return self.value_embeds and not self.is_mamba_layer(layer_idx) and has_value_embed(layer_idx, self.n_layer)
 
-def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
-
-
-def apply_rotary_emb(x, cos, sin):
-    # x: (B, T, H, D); rotate the two halves of the head dimension as complex pairs.
-    d = x.shape[3] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=3)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer_idx=0):
-        super().__init__()
-        self.layer_idx = layer_idx  # which slot of a KV cache this layer writes
-        self.n_head = config.n_head
-        self.n_kv_head = config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
-        d = config.n_embd
-        self.c_q = nn.Linear(d, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(d, d, bias=False)
-
-    def forward(self, x, cos_sin, kv_cache=None, select=None):
-        """select (B, T) bool: a routed (MoD) block under the causal rule; only the selected
-        tokens are keys, and with a cache only they are stored (nanochat/mod.py)."""
-        B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        cos, sin = cos_sin
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q), norm(k)  # QK-norm: keeps attention logits bounded without a softcap
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        gqa = self.n_kv_head != self.n_head
-        if select is not None:
-            n_cached, lengths = 0, None
-            if kv_cache is not None:
-                old_k, old_v, lengths = kv_cache.routed_kv(self.layer_idx)
-                new_k, new_v = k, v
-                if old_k is not None:  # read (copied) before this call's tokens are appended
-                    n_cached = old_k.size(2)
-                    k, v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
-                kv_cache.append_routed(self.layer_idx, new_k, new_v, select)
-            mask = routed_attention_mask(select, n_cached, lengths)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        elif kv_cache is None:  # training / full-context path
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            # Inference: the new tokens attend to every cached key plus the new ones.
-            t0 = kv_cache.get_pos()
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-            if t0 == 0:  # prefill into an empty cache: plain causal attention
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            elif T == 1:  # one decode step: the token sees everything, nothing to mask
-                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-            else:  # a chunk after a cached prefix: new token i (position t0+i) sees keys 0..t0+i
-                mask = torch.ones(T, t0 + T, dtype=torch.bool, device=q.device).tril(diagonal=t0)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
+    def padded_vocab_size(self):
+        return -(-self.vocab_size // self.vocab_pad) * self.vocab_pad
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        Linear = linear_class(config)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
         return self.c_proj(relu2(self.c_fc(x)))
@@ -178,20 +158,23 @@ class Block(nn.Module):
         self.is_mamba = config.is_mamba_layer(layer_idx) and not dense
         if self.is_mamba:
             self.mamba = Mamba2(config)
-        else:
-            self.attn = CausalSelfAttention(config, layer_idx)
+        else:  # an MTP head: full attention, no value embedding
+            window = None if dense else layer_windows(config)[layer_idx]
+            self.attn = CausalSelfAttention(config, layer_idx, value_embed=config.has_value_embed(layer_idx) and not dense,
+                                            window=window)
         self.is_moe = config.is_moe_layer(layer_idx) and not dense
         self.mlp = MoE(config) if self.is_moe else MLP(config)
         # Mixture-of-Depths: a routed block has a router and a causal threshold (nanochat/mod.py)
         self.mod = MoDRouter(config.n_embd) if config.is_mod_layer(layer_idx) and not dense else None
         assert not (self.mod is not None and self.is_mamba), "a Mamba layer cannot be a MoD-routed block"
+        assert not (self.mod is not None and self.attn.window is not None), "a MoD-routed block attends with full context"
         self.mod_capacity = config.mod_capacity
         self.mod_rule = "auto"  # auto: top-k in training, the causal threshold in eval; "topk": top-k always
 
-    def _residual(self, x, cos_sin, kv_cache=None, gate=None, select=None):
+    def _residual(self, x, cos_sin, kv_cache=None, gate=None, select=None, ve=None):
         """x + attn, then + FFN; gate (B, T, 1) multiplies both residual branches (MoD)."""
         scale = (lambda y: y) if gate is None else (lambda y: gate * y)
-        x = x + scale(self._mamba(norm(x), kv_cache) if self.is_mamba else self.attn(norm(x), cos_sin, kv_cache, select))
+        x = x + scale(self._mamba(norm(x), kv_cache) if self.is_mamba else self.attn(norm(x), cos_sin, kv_cache, select, ve))
         if self.is_moe:  # MoE layers need nothing for a KV cache: routing is per token
             y, moe_losses = self.mlp(norm(x))
             return x + scale(y), moe_losses
@@ -208,10 +191,11 @@ class Block(nn.Module):
         kv_cache.set_mamba_state(self.layer_idx, state)
         return y
 
-    def forward(self, x, cos_sin, kv_cache=None):
-        """Returns (x, MoE losses or None, MoD statistics (2,) or None)."""
+    def forward(self, x, cos_sin, kv_cache=None, ve=None):
+        """ve: this layer's value embeddings (B, T, kv width) or None.
+        Returns (x, MoE losses or None, MoD statistics (2,) or None)."""
         if self.mod is None:
-            return (*self._residual(x, cos_sin, kv_cache), None)
+            return (*self._residual(x, cos_sin, kv_cache, ve=ve), None)
         xn = norm(x)
         if self.training or self.mod_rule == "topk":
             # top-k of each sequence: static shapes (k is fixed by T), not causal
@@ -223,13 +207,14 @@ class Block(nn.Module):
             if self.training:
                 self.mod.record_cut(scores, k)
             gate = straight_through_gate(chosen).unsqueeze(-1).to(x.dtype)
-            out, moe_losses = self._residual(gather_positions(x, positions), gather_rotary(cos_sin, positions), gate=gate)
+            ve = None if ve is None else gather_positions(ve, positions)
+            out, moe_losses = self._residual(gather_positions(x, positions), gather_rotary(cos_sin, positions), gate=gate, ve=ve)
             return scatter_positions(x, positions, out), moe_losses, causal_stats(scores, positions, self.mod.threshold)
         # the causal rule: a token is processed when its own score clears the calibrated threshold
         select = self.mod.scores(xn) > self.mod.threshold
         if kv_cache is not None and not bool(select.any()):  # inference only (a host sync): skip the block
             return x, None, None
-        out, _ = self._residual(x, cos_sin, kv_cache, select=select)
+        out, _ = self._residual(x, cos_sin, kv_cache, select=select, ve=ve)
         return torch.where(select.unsqueeze(-1), out, x), None, None
 
 
@@ -237,17 +222,38 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        # the vocabulary padded to a multiple of vocab_pad (tensor-core friendly shapes); the
+        # padding rows are never looked up, and forward crops the logits to vocab_size
+        vocab = config.padded_vocab_size()
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "wte": nn.Embedding(vocab, config.n_embd),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = linear_class(config)(config.n_embd, vocab, bias=False)
         # MTP heads: dense blocks (an MoE head would add routing to a training-only extra).
         self.mtp = nn.ModuleList([Block(config, config.n_layer + i, dense=True) for i in range(config.mtp_heads)])
+        head_dim = config.n_embd // config.n_head
+        if config.value_embeds:
+            kv_dim = config.n_kv_head * head_dim
+            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(vocab, kv_dim)
+                                               for i in range(config.n_layer) if config.has_value_embed(i)})
+        if config.layer_lambdas:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.smear:
+            self.smear_gate = linear_class(config)(SMEAR_GATE_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
+        if config.cast_weights:  # every linear of the blocks too (MoE shared experts, MoD routers' modules)
+            for module in self.modules():
+                if type(module) is nn.Linear:
+                    module.__class__ = CastLinear
+        # cast_weights: the dtype the embeddings are cast to (None: the weights' own, fp32)
+        self.compute_dtype = None
         # Rotary tables for 10x the training length, so generation can run past it.
         self.rotary_seq_len = config.sequence_len * 10
-        head_dim = config.n_embd // config.n_head
-        cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim)
+        cos, sin = precompute_rotary(self.rotary_seq_len, head_dim, config.rotary_base)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -257,10 +263,11 @@ class GPT(nn.Module):
         with the std of a unit-variance fan-in init, and zero output projections so every
         block starts as the identity. Experts start like the dense MLP; the router with small
         random weights (MoE.init_weights: near-uniform scores, but tokens spread over experts)."""
+        cfg = self.config
         self.apply(self._init_linear)
-        torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=cfg.embedding_init_std)
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
-        s = 3**0.5 * self.config.n_embd**-0.5  # uniform(-s, s) has std n_embd^-0.5
+        s = 3**0.5 * cfg.n_embd**-0.5  # uniform(-s, s) has std n_embd^-0.5
         for block in [*self.transformer.h, *self.mtp]:  # an MTP head starts as the identity on the trunk
             if block.is_mamba:
                 block.mamba.init_weights()  # Mamba-2's init; zero output projection
@@ -272,26 +279,45 @@ class GPT(nn.Module):
                 block.mod.init_weights()
             if block.is_moe:
                 block.mlp.init_weights()  # experts like the MLP below; a small random router
+                if cfg.fc_init_scale != 1.0:  # uniform(-s, s) x c = uniform(-cs, cs): experts start like the MLP
+                    for w in (block.mlp.w_fc, *([block.mlp.shared_fc.weight] if block.mlp.n_shared else [])):
+                        w.mul_(cfg.fc_init_scale)
             else:
-                torch.nn.init.uniform_(block.mlp.c_fc.weight, -s, s)
+                torch.nn.init.uniform_(block.mlp.c_fc.weight, -s * cfg.fc_init_scale, s * cfg.fc_init_scale)
                 torch.nn.init.zeros_(block.mlp.c_proj.weight)
-        head_dim = self.config.n_embd // self.config.n_head
-        cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim, device=self.cos.device)
+        # nanochat's inits of its extra pieces (after the blocks, so the blocks' draws are unchanged)
+        n = cfg.n_layer
+        if cfg.layer_lambdas:
+            # a stronger residual and more of x0 early, decaying linearly with depth
+            layer = torch.arange(n, dtype=torch.float32, device=self.resid_lambdas.device) / max(n - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * layer)
+            self.x0_lambdas.copy_(0.20 - 0.15 * layer)
+        if cfg.smear:
+            torch.nn.init.zeros_(self.smear_lambda)  # smear starts off; the gate is small and positive
+            torch.nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        if cfg.backout:
+            torch.nn.init.constant_(self.backout_lambda, 0.2)
+        if cfg.value_embeds:
+            for ve in self.value_embeds.values():  # like c_v: uniform with the same std
+                torch.nn.init.uniform_(ve.weight, -s, s)
+            for block in self.transformer.h:  # gates slightly above neutral: 3 * sigmoid(~0) = 1.5
+                if not block.is_mamba and block.attn.ve_gate is not None:
+                    torch.nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        head_dim = cfg.n_embd // cfg.n_head
+        cos, sin = precompute_rotary(self.rotary_seq_len, head_dim, cfg.rotary_base, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+
+    def set_compute_dtype(self, dtype):
+        """cast_weights: the activations' dtype from the embedding on (bf16 on CUDA, as nanochat's
+        COMPUTE_DTYPE); every linear casts its fp32 weight to it. No autocast around the model then."""
+        assert self.config.cast_weights, "set_compute_dtype is for cast_weights models (others use autocast)"
+        self.compute_dtype = dtype
 
     @staticmethod
     def _init_linear(module):
         if isinstance(module, nn.Linear):
             torch.nn.init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
-
-    @staticmethod
-    def _precompute_rotary(seq_len, head_dim, base=10000, device=None):
-        channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
-        inv_freq = 1.0 / (base ** (channel / head_dim))
-        t = torch.arange(seq_len, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, inv_freq)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
 
     # ------------------------------------------------------------------ parameter roles
 
@@ -303,7 +329,14 @@ class GPT(nn.Module):
     #   conv                AdamW at the scalar lr: Mamba-2's depthwise conv (not a matrix)
     #   no_decay            AdamW at the scalar lr, never weight-decayed: Mamba-2's A_log, D,
     #                       dt_bias (the reference marks them _no_weight_decay)
-    ROLES = ("embedding", "lm_head", "matrix", "router", "conv", "no_decay")
+    #   value_embedding     the value embeddings (lookups; nanochat: AdamW at 0.5x the embedding lr)
+    #   resid_lambdas       per-layer residual scales (nanochat: AdamW, 0.01x the scalar lr)
+    #   x0_lambdas          per-layer x0 weights (nanochat: AdamW at the scalar lr, beta1 0.96)
+    #   smear_backout       smear_gate.weight, smear_lambda, backout_lambda (nanochat: AdamW, lr 0.2)
+    # The value-embedding gates (blocks' attn.ve_gate) are matrices, with the block's other
+    # weights, as nanochat's optimizer groups every transformer.h parameter for Muon.
+    ROLES = ("embedding", "lm_head", "matrix", "router", "conv", "no_decay", "value_embedding", "resid_lambdas",
+             "x0_lambdas", "smear_backout")
 
     def param_roles(self):
         """{role: [parameters]}, every parameter in exactly one role. Each block's modules
@@ -312,6 +345,13 @@ class GPT(nn.Module):
         roles = {role: [] for role in self.ROLES}
         roles["embedding"].append(self.transformer.wte.weight)
         roles["lm_head"].append(self.lm_head.weight)
+        cfg = self.config
+        if cfg.value_embeds:
+            roles["value_embedding"].extend(ve.weight for ve in self.value_embeds.values())
+        if cfg.layer_lambdas:
+            roles["resid_lambdas"].append(self.resid_lambdas)
+            roles["x0_lambdas"].append(self.x0_lambdas)
+        roles["smear_backout"].extend(self._smear_backout_params())
         for block in [*self.transformer.h, *self.mtp]:
             for module in block.children():
                 declared = module.param_roles() if hasattr(module, "param_roles") else {"matrix": list(module.parameters())}
@@ -321,6 +361,10 @@ class GPT(nn.Module):
         assert len(assigned) == len({id(p) for p in assigned}) == len(list(self.parameters())), \
             "every parameter needs exactly one role (GPT.param_roles)"
         return roles
+
+    def _smear_backout_params(self):
+        cfg = self.config
+        return ([self.smear_gate.weight, self.smear_lambda] if cfg.smear else []) + ([self.backout_lambda] if cfg.backout else [])
 
     def training_loss(self, ce, aux):
         """The loss a training step minimises, from forward's (cross_entropy, aux): the
@@ -343,10 +387,19 @@ class GPT(nn.Module):
         parts. Shared experts run for every token: they are active, never inactive.
         data_ratio_params: what --target-param-data-ratio multiplies, active_total without the
         embedding (a lookup) and the MTP heads (training only: the model they train has none).
+        value_embeds: parameters without matmul FLOPs (lookups, as wte): in total and
+        active_total (every token reads its rows), out of data_ratio_params and FLOPs; with the
+        scalars (resid/x0 lambdas, smear gate and lambda, backout lambda) also out of
+        data_ratio_params, so for a dense model it is nanochat's scaling count exactly:
+        transformer matrices (the ve gates included) + lm_head (padded).
         adamw: the parameters AdamW keeps two moments for (every role but "matrix", Muon's)."""
+        cfg = self.config
         counts = {"wte": self.transformer.wte.weight.numel(), "lm_head": self.lm_head.weight.numel(),
                   "attn": 0, "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "moe_inactive": 0,
-                  "mtp": sum(p.numel() for p in self.mtp.parameters()), "mod": 0, "mamba": 0}
+                  "mtp": sum(p.numel() for p in self.mtp.parameters()), "mod": 0, "mamba": 0,
+                  "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()) if cfg.value_embeds else 0,
+                  "scalars": (2 * cfg.n_layer if cfg.layer_lambdas else 0)
+                  + sum(p.numel() for p in self._smear_backout_params())}
         for block in self.transformer.h:
             if block.is_mamba:
                 counts["mamba"] += sum(p.numel() for p in block.mamba.parameters())
@@ -363,7 +416,8 @@ class GPT(nn.Module):
                 counts["mlp"] += sum(p.numel() for p in block.mlp.parameters())
         counts["total"] = sum(p.numel() for p in self.parameters())
         counts["active_total"] = counts["total"] - counts["moe_inactive"]
-        counts["data_ratio_params"] = counts["active_total"] - counts["wte"] - counts["mtp"]
+        counts["data_ratio_params"] = (counts["active_total"] - counts["wte"] - counts["mtp"] - counts["value_embeds"]
+                                       - counts["scalars"])
         counts["adamw"] = sum(p.numel() for role, params in self.param_roles().items() if role != "matrix" for p in params)
         return counts
 
@@ -377,12 +431,20 @@ class GPT(nn.Module):
         tokens, and its attention spans k: (k/T) * (6 * its active weights + 12 * n_head *
         head_dim * k), plus its router on every token (MoDRouter.flops_per_token). A Mamba layer:
         its FFN as usual plus Mamba2.flops_per_token (projections, conv and the chunked SSD
-        scan, counted by our algorithm), no attention term."""
+        scan, counted by our algorithm), no attention term.
+        nanochat's pieces: a sliding-window layer's attention term spans min(W, seq_len) keys per
+        query, as nanochat counts it (W + 1 are attended: nanochat/attention.py); value
+        embeddings and the per-layer scalars are lookups and elementwise products, no FLOPs
+        counted (as nanochat: 6 x the weights of its Linear modules only); the ve gates (in the
+        blocks' attention) and the smear gate are matmul weights and count 6 each; a padded
+        lm_head counts its padded rows (they are computed)."""
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
         attention = lambda span: 12 * cfg.n_head * head_dim * span
         lm_head = self.lm_head.weight.numel()
         flops = 6 * lm_head * (1 + cfg.mtp_heads)
+        if cfg.smear:
+            flops += 6 * self.smear_gate.weight.numel()
         flops += sum(6 * sum(p.numel() for p in head.parameters()) + attention(cfg.sequence_len) for head in self.mtp)
         for block in self.transformer.h:
             mixer = [] if block.is_mamba else list(block.attn.parameters())  # Mamba: flops_per_token below
@@ -392,7 +454,8 @@ class GPT(nn.Module):
             if block.is_mamba:
                 flops += 6 * active + block.mamba.flops_per_token(cfg.sequence_len)
             elif block.mod is None:
-                flops += 6 * active + attention(cfg.sequence_len)
+                window = block.attn.window
+                flops += 6 * active + attention(cfg.sequence_len if window is None else min(window, cfg.sequence_len))
             else:
                 k = mod_tokens(cfg.sequence_len, cfg.mod_capacity)
                 flops += k / cfg.sequence_len * (6 * active + attention(k)) + block.mod.flops_per_token()
@@ -425,19 +488,36 @@ class GPT(nn.Module):
         full coefficient, as in Switch (Mesh-TF), GShard, DeepSeek and Megatron. Targets of -1 are ignored.
         kv_cache (inference, see nanochat/engine.py): idx are the tokens that follow the ones
         already cached; their rotary positions start at the cache position, and their keys and
-        values are appended to the cache."""
+        values are appended to the cache (and, with smear, the last token's embedding kept)."""
         B, T = idx.shape
+        cfg = self.config
         t0 = 0 if kv_cache is None else kv_cache.get_pos()
         assert t0 + T <= self.cos.size(1), f"sequence length {t0 + T} exceeds rotary cache {self.cos.size(1)}"
         cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
-        x = norm(self.transformer.wte(idx))
+        x = self.transformer.wte(idx)
+        if cfg.cast_weights and self.compute_dtype is not None:  # the whole forward in compute_dtype
+            x = x.to(self.compute_dtype)
+            cos_sin = tuple(t.to(x.dtype) for t in cos_sin)
+        x = norm(x)
+        if cfg.smear:
+            x = self._smear(x, kv_cache)
+        x0 = x
+        mid = cfg.n_layer // 2  # backout: the residual after this layer
+        x_mid = None
         moe_losses, mod_stats = [], []
-        for block in self.transformer.h:
-            x, layer_losses, layer_mod = block(x, cos_sin, kv_cache)
+        for i, block in enumerate(self.transformer.h):
+            if cfg.layer_lambdas:
+                x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if cfg.has_value_embed(i) else None
+            x, layer_losses, layer_mod = block(x, cos_sin, kv_cache, ve)
             if layer_losses is not None:
                 moe_losses.append(layer_losses)
             if layer_mod is not None:
                 mod_stats.append(layer_mod)
+            if cfg.backout and i == mid:
+                x_mid = x
+        if cfg.backout:  # the lm_head (and the MTP heads) read the backed-out state
+            x = x - self.backout_lambda.to(x.dtype) * x_mid
         if kv_cache is not None:
             kv_cache.advance(T)
         logits = self._logits(x)
@@ -464,9 +544,30 @@ class GPT(nn.Module):
         aux["mod_stats"] = torch.stack(mod_stats) if mod_stats else logits.new_zeros(0, 2)
         return loss, aux
 
+    def _smear(self, x, kv_cache):
+        """x_t + smear_lambda * sigmoid(W x_t[..., :24]) * x_(t-1) on the normed embeddings; a
+        sequence's first token has no previous one. With a cache, the previous token of the first
+        new one is the cache's (the last embedding the previous forward saw), so prefill, chunks
+        and decode steps compute what one full forward does. (nanochat's cached path smears a
+        multi-token chunk only within itself: the same wherever its engine uses it, a prefill into
+        an empty cache, but not for a chunk after a cached prefix.)"""
+        lam = self.smear_lambda.to(x.dtype)
+        prev = None
+        if kv_cache is not None:
+            prev = kv_cache.prev_embedding
+            kv_cache.prev_embedding = x[:, -1:]
+        if prev is None:
+            gate = lam * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_GATE_CHANNELS]))
+            return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        gate = lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))
+        return x + gate * torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
+
     def _logits(self, x):
         softcap = 15.0  # smoothly bounds logits to (-15, 15): stabilises early training
-        logits = self.lm_head(norm(x)).float()
+        logits = self.lm_head(norm(x))
+        if logits.size(-1) != self.config.vocab_size:  # the padding rows are not tokens
+            logits = logits[..., :self.config.vocab_size]
+        logits = logits.float()
         return softcap * torch.tanh(logits / softcap)
 
 
@@ -495,42 +596,3 @@ def meta_model(config):
     FLOPs when a rank holds only part of it (expert parallelism)."""
     with torch.device("meta"):
         return GPT(config)
-
-
-def format_count(n):
-    """2887680 -> '2,887,680 (2.89M)': exact, and readable at a glance."""
-    return f"{n:,} ({n / 1e6:.2f}M)" if n >= 1e6 else f"{n:,} ({n / 1e3:.1f}K)"
-
-
-def describe_params(model):
-    """The start-up parameter report (every script that reports a model prints this): total,
-    active per token, inactive, sparsity and efficiency, the MoE/dense layers and FLOPs."""
-    cfg = model.config
-    c = model.num_scaling_params()
-    n_moe = model.num_moe_layers()
-    lines = [f"Total Parameters: {format_count(c['total'])}"]
-    if n_moe:
-        idle = (cfg.n_experts - cfg.expert_topk) * n_moe
-        lines += [
-            f"Active Params/tok: {format_count(c['active_total'])}, top-{cfg.expert_topk} of {cfg.n_experts} experts"
-            + (f" + {cfg.n_shared_experts} shared" if cfg.n_shared_experts else ""),
-            f"Inactive Params: {format_count(c['moe_inactive'])}, {idle} experts idle per token",
-            f"Sparsity: {100 * c['moe_inactive'] / c['total']:.1f}% (inactive per forward pass)",
-            f"Efficiency: {100 * c['active_total'] / c['total']:.1f}% active per forward pass",
-        ]
-    else:
-        lines.append(f"Active Params/tok: {format_count(c['active_total'])} (dense model: every parameter)")
-    n_mamba = len(model.mamba_layers())
-    lines.append(f"Layers: {n_moe} MoE + {cfg.n_layer - n_moe} dense (of {cfg.n_layer})"
-                 + (f"; mixers: {cfg.n_layer - n_mamba} attention + Mamba layers: {n_mamba} (pattern "
-                    f"{cfg.layer_pattern!r}, {format_count(c['mamba'])} Mamba params)" if n_mamba else "")
-                 + (f"; MTP heads: {cfg.mtp_heads} (training only, {format_count(c['mtp'])} params, "
-                    f"predicting tokens t+2..t+{cfg.mtp_heads + 1})" if cfg.mtp_heads else ""))
-    mod = model.mod_layers()
-    if mod:
-        k = mod_tokens(cfg.sequence_len, cfg.mod_capacity)
-        lines.append(f"MoD blocks: {len(mod)} of {cfg.n_layer} (layers {','.join(map(str, mod))}), capacity "
-                     f"{cfg.mod_capacity:g}: top-{k} of {cfg.sequence_len} tokens per sequence in training, a calibrated "
-                     f"causal threshold in eval/generation ({format_count(c['mod'])} router params; all params active)")
-    lines.append(f"FLOPs/token (train, active): {model.estimate_flops():.4e}")
-    return "\n".join(lines)

@@ -132,6 +132,12 @@ def grow_width(model, mult, seed=0):
         leaf = name.rsplit(".", 1)[-1]
         if roles.get(name) == "embedding":            # (V, d): writes the stream, copied
             new_state[name] = torch.cat([w] * mult, dim=1)
+        elif roles.get(name) == "value_embedding":    # (V, kv width): added to v, whose heads are copied
+            new_state[name] = torch.cat([w] * mult, dim=1)
+        elif name.endswith("attn.ve_gate.weight"):     # (n_kv_head, 12): one row per (copied) kv head; it
+            new_state[name] = torch.cat([w] * mult, dim=0)  # reads the first 12 channels, the same in copy 0
+        elif roles.get(name) in ("resid_lambdas", "x0_lambdas", "smear_backout"):
+            new_state[name] = w  # scalars, and the smear gate reading the first 24 channels: unchanged
         elif roles.get(name) in ("lm_head", "router"):  # read the stream, split
             new_state[name] = _widen(w, mult, g, dup_out=False)
         elif leaf == "expert_bias":                    # per expert: unchanged
@@ -167,6 +173,16 @@ def grow_depth(model, n, source_layer=-1):
     src = source_layer if source_layer >= 0 else L + source_layer
     if not 0 <= src < L:
         raise UserError(f"--source-layer {source_layer} is not a layer of the {L}-layer source (0..{L - 1})")
+    # the layer-indexed pieces whose placement depends on n_layer (value embeddings: alternating
+    # from the last layer; backout: the middle layer; windows: the pattern tiled over the depth)
+    if cfg.value_embeds:
+        raise UserError("--add-layers: a model with value embeddings (--value-embeds) cannot grow in depth exactly "
+                        "(which layers have one depends on the depth)")
+    if cfg.backout:
+        raise UserError("--add-layers: a model with --backout cannot grow in depth exactly (its layer is the middle one)")
+    if "S" in cfg.window_pattern.upper():
+        raise UserError(f"--add-layers: a model with sliding windows (--window-pattern {cfg.window_pattern}) cannot grow "
+                        f"in depth exactly (the pattern is tiled over the depth)")
     if cfg.use_moe and n % cfg.moe_freq:
         raise UserError(f"--add-layers {n} must be a multiple of moe_freq {cfg.moe_freq}, or the layers after the "
                         f"insertion would change kind (MoE every {cfg.moe_freq}th layer)")
@@ -174,6 +190,12 @@ def grow_depth(model, n, source_layer=-1):
     old_blocks, blocks = model.transformer.h, new.transformer.h
     layer_map = depth_layer_map(L, n, src)
     new_state = {k: v for k, v in model.state_dict().items() if not k.startswith("transformer.h.")}
+    if cfg.layer_lambdas:  # an inserted layer gets resid 1, x0 0: with its zeroed block, the identity
+        for key, fill in (("resid_lambdas", 1.0), ("x0_lambdas", 0.0)):
+            old = new_state[key]
+            grown = torch.full((L + n,), fill, dtype=old.dtype, device=old.device)
+            grown[[layer_map[i] for i in range(L)]] = old
+            new_state[key] = grown
     for i, block in enumerate(old_blocks):
         for k, v in block.state_dict().items():
             new_state[f"transformer.h.{layer_map[i]}.{k}"] = v

@@ -23,12 +23,27 @@ SHAPE_DEFAULTS = dict(depth=DEFAULT.n_layer, aspect_ratio=DEFAULT.n_embd // DEFA
 # MoE ones apply to an MoE only (a dense model keeps GPTConfig's defaults there).
 MOE_FLAGS = ("use_moe", "n_experts", "expert_topk", "moe_freq", "n_shared_experts", "expert_hidden_mult", "router",
              "route_scale", "aux_free_bias", "capacity_factor", "balance_loss_coeff", "router_z_loss")
+# nanochat's architecture pieces (GPTConfig's fields of the same names; all off by default)
+NANOCHAT_FLAGS = ("value_embeds", "layer_lambdas", "smear", "backout", "window_pattern", "rotary_base", "qk_scale",
+                  "vocab_pad", "embedding_init_std", "fc_init_scale", "cast_weights")
 FIELD_FLAGS = ("mtp_heads", "mtp_weight", "mod_capacity", "mod_freq", "layer_pattern", "mamba_d_state", "mamba_expand",
-               "mamba_head_dim", "mamba_chunk", "mamba_d_conv") + MOE_FLAGS
+               "mamba_head_dim", "mamba_chunk", "mamba_d_conv") + NANOCHAT_FLAGS + MOE_FLAGS
+# Presets: flag dest -> value, applied as defaults (a flag given on the command line wins).
+# "nanochat": its model at commit 92d63d4 (nanochat/gpt.py there). Its shape defaults are
+# head dim 128 and aspect ratio 64 (base_train's --head-dim / --aspect-ratio), and n_kv_head =
+# n_head; the preset sets the first two as well, since they are part of what "nanochat's model at
+# depth N" means. Its window pattern is base_train's default SSSL (the GPTConfig default there
+# too). The optimizer recipe is not a model field: see nanochat/optim.py.
+MODEL_PRESETS = {
+    "nanochat": dict(value_embeds=True, layer_lambdas=True, smear=True, backout=True, window_pattern="SSSL",
+                     rotary_base=100000.0, qk_scale=1.2, vocab_pad=64, embedding_init_std=0.8, fc_init_scale=0.4,
+                     cast_weights=True, head_dim=128, aspect_ratio=64),
+}
 # Fields a run started from a checkpoint (--init-from) may change: training-time choices that do
 # not change the function the weights compute. Every other field is the checkpoint's, and a
 # flag given with another value is an error.
-TRAINING_FIELDS = ("aux_free_bias", "capacity_factor", "balance_loss_coeff", "router_z_loss", "mtp_weight")
+# (cast_weights: how the matmuls round, not what they compute; the weights stay fp32 either way)
+TRAINING_FIELDS = ("aux_free_bias", "capacity_factor", "balance_loss_coeff", "router_z_loss", "mtp_weight", "cast_weights")
 
 
 def iso_flops_expert_mult(topk, n_shared=0):
@@ -69,6 +84,22 @@ def add_model_args(p, planner=False):
     p.add_argument("--mamba-head-dim", type=int, default=D.mamba_head_dim, help="Mamba-2 head dimension (inner width / heads)")
     p.add_argument("--mamba-chunk", type=int, default=D.mamba_chunk, help="chunk length of Mamba-2's SSD scan")
     p.add_argument("--mamba-d-conv", type=int, default=D.mamba_d_conv, help="width of Mamba-2's causal depthwise conv")
+    # nanochat's architecture pieces (MODEL_PRESETS["nanochat"] turns them all on)
+    flag = lambda name, **kw: p.add_argument("--" + name.replace("_", "-"), default=getattr(D, name), **kw)
+    flag("value_embeds", action="store_true", help="ResFormer value embeddings on alternating layers (the last always)")
+    flag("layer_lambdas", action="store_true", help="learnable per-layer residual and x0 scalars before each block")
+    flag("smear", action="store_true", help="mix the previous token's embedding into each token through a small gate")
+    flag("backout", action="store_true", help="subtract a learnable 0.2x of the middle layer's residual before the final norm")
+    flag("window_pattern", help="sliding-window attention per layer, tiled: L = full, S = a quarter of --max-seq-len "
+                                "rounded up to 128 (e.g. SSSL; the last layer is always L)")
+    flag("rotary_base", type=float, help=f"rotary embedding base (default {D.rotary_base:g}; nanochat 100000)")
+    flag("qk_scale", type=float, help=f"q and k multiplied by this after QK-norm (default {D.qk_scale:g}; nanochat 1.2)")
+    flag("vocab_pad", type=int, help=f"pad the embeddings and lm_head to a multiple of this (default {D.vocab_pad}; nanochat 64)")
+    flag("embedding_init_std", type=float, help=f"std of the token embedding init (default {D.embedding_init_std:g}; nanochat 0.8)")
+    flag("fc_init_scale", type=float,
+         help=f"the first MLP (and expert) matrix's init bound x this (default {D.fc_init_scale:g}; nanochat 0.4)")
+    flag("cast_weights", action="store_true", help="linears cast their weights to the activation dtype (bf16 on CUDA) "
+                                                   "instead of autocast")
     if not planner:
         p.add_argument("--use-moe", action="store_true", help="replace MLPs with a token-choice top-k MoE")
     p.add_argument("--n-experts", type=int, default=D.n_experts)
@@ -81,6 +112,9 @@ def add_model_args(p, planner=False):
                    help="expert hidden width / model width; 0 = 4 / (expert-topk + n-shared-experts), iso-FLOPs with the dense 4x MLP")
     if planner:
         return
+    p.add_argument("--preset", default="", choices=["", *MODEL_PRESETS],
+                   help="a named set of defaults: nanochat = its model at commit 92d63d4 (and, in base_train, its "
+                        "training recipe); flags given on the command line win")
     p.add_argument("--router", default=D.router, choices=["softmax", "sigmoid"],
                    help=f"router scores (sigmoid: DeepSeek-V3; softmax: Switch/GShard, use with --balance-loss-coeff; "
                         f"default {D.router})")
@@ -117,9 +151,31 @@ def model_shape(args):
     return depth, n_embd, n_head, n_kv_head, head_dim, seq
 
 
+def apply_preset_defaults(parser, preset):
+    """A preset's values (flag dest -> value) as the parser's defaults, so flags given on the
+    command line still win. Every key must be a flag's dest (a typo must not pass silently)."""
+    dests = {a.dest for a in parser._actions}
+    unknown = sorted(set(preset) - dests)
+    assert not unknown, f"preset keys that are not flags: {unknown}"
+    parser.set_defaults(**preset)
+    return parser
+
+
+def parse_with_preset(parser, argv, more_presets=None):
+    """parser.parse_args(argv) with --preset NAME's values as defaults: MODEL_PRESETS[NAME], and
+    more_presets[NAME] when given (base_train adds its training recipe). A flag on the command
+    line wins over the preset; --init-from's checkpoint config wins over the preset's model
+    values (they are not given flags)."""
+    name = parser.parse_known_args(argv)[0].preset
+    if name:
+        apply_preset_defaults(parser, {**MODEL_PRESETS[name], **(more_presets or {}).get(name, {})})
+    return parser.parse_args(argv)
+
+
 def validate_model_args(args):
     """The cheap checks of the shape and MoE flags, before any work. Raises UserError."""
     depth, seq = model_shape(args)[0], model_shape(args)[5]
+    _validate_nanochat_args(args, depth, seq)
     require(0 <= args.mtp_heads < seq, f"--mtp-heads must be in 0..{seq - 1} (--max-seq-len {seq}; got {args.mtp_heads})")
     require(getattr(args, "mtp_weight", 0) >= 0, f"--mtp-weight must be >= 0 (got {getattr(args, 'mtp_weight', 0)})")
     require(0 <= args.mod_capacity <= 1, f"--mod-capacity must be in [0, 1], 0 = off (got {args.mod_capacity})")
@@ -151,6 +207,36 @@ def validate_model_args(args):
         require(args.capacity_factor >= 0, f"--capacity-factor must be >= 0, 0 = dropless (got {args.capacity_factor})")
         require(args.balance_loss_coeff >= 0, f"--balance-loss-coeff must be >= 0 (got {args.balance_loss_coeff})")
         require(args.router_z_loss >= 0, f"--router-z-loss must be >= 0 (got {args.router_z_loss})")
+
+
+def _validate_nanochat_args(args, depth, seq):
+    """The checks of nanochat's architecture flags (absent flags: GPTConfig's defaults)."""
+    get = lambda name: getattr(args, name, getattr(DEFAULT, name))
+    n_embd, n_head, n_kv_head = model_shape(args)[1:4]
+    require(get("vocab_pad") >= 1, f"--vocab-pad must be >= 1 (got {get('vocab_pad')})")
+    require(get("rotary_base") > 1, f"--rotary-base must be > 1 (got {get('rotary_base')})")
+    require(get("qk_scale") > 0, f"--qk-scale must be > 0 (got {get('qk_scale')})")
+    require(get("embedding_init_std") > 0, f"--embedding-init-std must be > 0 (got {get('embedding_init_std')})")
+    require(get("fc_init_scale") > 0, f"--fc-init-scale must be > 0 (got {get('fc_init_scale')})")
+    require(not get("smear") or n_embd >= 24, f"--smear reads 24 channels of the embedding: the width {n_embd} is < 24")
+    require(not get("value_embeds") or n_embd >= 12,
+            f"--value-embeds: the gate reads 12 channels of the block input, the width {n_embd} is < 12")
+    pattern = get("window_pattern")
+    require(pattern != "" and set(pattern.upper()) <= {"S", "L"},
+            f"--window-pattern must be letters S (short window) and L (full context), got {pattern!r}")
+    layers = get("layer_pattern") or "A"
+    mod_capacity, mod_freq = get("mod_capacity"), get("mod_freq")
+    for i in range(depth - 1):  # the last layer is always L
+        if pattern.upper()[i % len(pattern)] != "S":
+            continue
+        require(layers[i % len(layers)] != "M", f"--window-pattern {pattern!r} puts a short window on layer {i}, a Mamba "
+                                                f"layer (--layer-pattern {layers!r}): a Mamba layer has no attention window")
+        require(not (mod_capacity and (i + 1) % mod_freq == 0),
+                f"--window-pattern {pattern!r} puts a short window on layer {i}, a Mixture-of-Depths routed block "
+                f"(--mod-capacity): routed blocks attend with full context")
+    require(not (get("cast_weights") and "M" in {layers[i % len(layers)] for i in range(depth)}),
+            "--cast-weights with Mamba layers (--layer-pattern) is not supported: Mamba-2's conv and scan keep fp32 "
+            "weights and need autocast")
 
 
 def config_from_args(args, vocab_size, base=None, given=None, **overrides):

@@ -11,6 +11,7 @@ import resource
 import torch
 
 from nanochat.common import atomic_write_text, read_metrics
+from nanochat.mod import mod_tokens
 
 
 class MetricsLog:
@@ -126,3 +127,42 @@ def training_summary_rows(summary, model_tag, run_dir, init_flops, n_mod, recomp
     if recompiles is not None:
         rows.append(("graphs compiled after step 1", f"{recompiles}"))
     return rows + [("run folder", run_dir)]
+
+
+def format_count(n):
+    """2887680 -> '2,887,680 (2.89M)': exact, and readable at a glance."""
+    return f"{n:,} ({n / 1e6:.2f}M)" if n >= 1e6 else f"{n:,} ({n / 1e3:.1f}K)"
+
+
+def describe_params(model):
+    """The start-up parameter report (every script that reports a model prints this): total,
+    active per token, inactive, sparsity and efficiency, the MoE/dense layers and FLOPs."""
+    cfg = model.config
+    c = model.num_scaling_params()
+    n_moe = model.num_moe_layers()
+    lines = [f"Total Parameters: {format_count(c['total'])}"]
+    if n_moe:
+        idle = (cfg.n_experts - cfg.expert_topk) * n_moe
+        lines += [
+            f"Active Params/tok: {format_count(c['active_total'])}, top-{cfg.expert_topk} of {cfg.n_experts} experts"
+            + (f" + {cfg.n_shared_experts} shared" if cfg.n_shared_experts else ""),
+            f"Inactive Params: {format_count(c['moe_inactive'])}, {idle} experts idle per token",
+            f"Sparsity: {100 * c['moe_inactive'] / c['total']:.1f}% (inactive per forward pass)",
+            f"Efficiency: {100 * c['active_total'] / c['total']:.1f}% active per forward pass",
+        ]
+    else:
+        lines.append(f"Active Params/tok: {format_count(c['active_total'])} (dense model: every parameter)")
+    n_mamba = len(model.mamba_layers())
+    lines.append(f"Layers: {n_moe} MoE + {cfg.n_layer - n_moe} dense (of {cfg.n_layer})"
+                 + (f"; mixers: {cfg.n_layer - n_mamba} attention + Mamba layers: {n_mamba} (pattern "
+                    f"{cfg.layer_pattern!r}, {format_count(c['mamba'])} Mamba params)" if n_mamba else "")
+                 + (f"; MTP heads: {cfg.mtp_heads} (training only, {format_count(c['mtp'])} params, "
+                    f"predicting tokens t+2..t+{cfg.mtp_heads + 1})" if cfg.mtp_heads else ""))
+    mod = model.mod_layers()
+    if mod:
+        k = mod_tokens(cfg.sequence_len, cfg.mod_capacity)
+        lines.append(f"MoD blocks: {len(mod)} of {cfg.n_layer} (layers {','.join(map(str, mod))}), capacity "
+                     f"{cfg.mod_capacity:g}: top-{k} of {cfg.sequence_len} tokens per sequence in training, a calibrated "
+                     f"causal threshold in eval/generation ({format_count(c['mod'])} router params; all params active)")
+    lines.append(f"FLOPs/token (train, active): {model.estimate_flops():.4e}")
+    return "\n".join(lines)

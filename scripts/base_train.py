@@ -29,11 +29,11 @@ from nanochat.common import (UserError, require, ArgumentParser, run_main, print
                              get_dist_info, compute_init, compute_cleanup, exit_distributed_worker, DummyWandb, get_peak_flops,
                              keep_freed_memory, atomic_write_json)
 from nanochat.gpt import GPTConfig
-from nanochat.model_args import add_model_args, validate_model_args, config_from_args
+from nanochat.model_args import add_model_args, validate_model_args, config_from_args, parse_with_preset
 from nanochat.report import (MetricsLog, peak_memory_mb, finite_or_none, format_step_line, training_summary_rows, summary_table,
-                             hardware_info)
+                             describe_params, hardware_info)
+from nanochat.train_step import add_optimizer_args, RECIPE_PRESETS
 from scripts.prepare_data import add_data_args, validate_data_args, prepare_data
-
 
 def build_parser():
     p = ArgumentParser(prog="base_train", description="Pretrain a dense or MoE GPT.")
@@ -47,17 +47,7 @@ def build_parser():
     # Batch
     p.add_argument("--device-batch-size", type=int, default=16, help="rows per micro-batch per process")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all processes")
-    # Optimization
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr (attention, MLP, experts)")
-    p.add_argument("--router-lr", type=float, default=0.004, help="AdamW lr of the MoE and MoD routers")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=None,
-                   help="fraction of the steps with a linear LR warm-up (default 0; 0.05 with --init-from: a fresh "
-                        "optimizer at full LR on trained weights spikes)")
-    p.add_argument("--warmdown-ratio", type=float, default=0.2)
-    p.add_argument("--final-lr-frac", type=float, default=0.0)
+    add_optimizer_args(p)  # the optimizers and the LR/momentum schedules (nanochat/train_step.py)
     p.add_argument("--seed", type=int, default=42)
     # Evaluation, sampling, checkpoints, logging
     p.add_argument("--eval-every", type=int, default=250, help="steps between val bpb evaluations (-1 = only at the end)")
@@ -91,7 +81,7 @@ def _argv(argv):
 
 
 def parse_args(argv=None):
-    args = build_parser().parse_args(_argv(argv))
+    args = parse_with_preset(build_parser(), _argv(argv), RECIPE_PRESETS)
     args.data = args.data or "synthetic"
     if args.warmup_ratio is None:
         args.warmup_ratio = 0.05 if args.init_from else 0.0
@@ -165,6 +155,9 @@ def validate_args(args, config, world_size):
     require(args.eval_tokens >= seq_len, f"--eval-tokens {args.eval_tokens} is less than one row of --max-seq-len {seq_len}")
     require(0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1 and args.warmup_ratio + args.warmdown_ratio <= 1,
             "--warmup-ratio and --warmdown-ratio must be in [0, 1] and sum to at most 1")
+    require(args.warmup_steps is None or args.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {args.warmup_steps})")
+    require(args.muon_weight_decay >= 0, f"--muon-weight-decay must be >= 0 (got {args.muon_weight_decay})")
+    require(args.lambda_lr >= 0, f"--lambda-lr must be >= 0 (got {args.lambda_lr})")
     require(args.resume_from_step in ("", "latest") or args.resume_from_step.isdigit(),
             f"--resume-from-step must be a step number or 'latest' (got {args.resume_from_step!r})")
     validate_data_args(args)
@@ -185,6 +178,15 @@ def training_horizon(args, params, flops_per_token):
         return max(1, round(args.target_flops / (flops_per_token * args.total_batch_size))), "--target-flops"
     target_tokens = args.target_param_data_ratio * params["data_ratio_params"]
     return max(1, round(target_tokens / args.total_batch_size)), "--target-param-data-ratio"
+
+
+def training_autocast(device_type, config):
+    """bf16 autocast on CUDA (fp32 elsewhere), unless the model casts its weights to the
+    activation dtype itself (config.cast_weights, nanochat's way): autocast on top would cast
+    again what the model already cast, and run its fp32 parts (norms, softmax) in its own way."""
+    if device_type == "cuda" and not getattr(config, "cast_weights", False):
+        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def evaluate(model, val_batches, eval_steps, token_bytes, autocast, lockstep=False):
@@ -230,8 +232,12 @@ def parallel_optimizers(model, args, device_type, rank, world_size):
     sharded = world_size > 1 and args.shard_optimizer != "off"
     owners = shard_owners(model, world_size, replicated) if sharded else None
     optimizers = setup_optimizers(model, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                  matrix_lr=args.matrix_lr, router_lr=args.router_lr, weight_decay=args.weight_decay,
-                                  device_type=device_type, owners=owners, rank=rank, world_size=world_size)
+                                  matrix_lr=args.matrix_lr, router_lr=args.router_lr, lambda_lr=args.lambda_lr,
+                                  weight_decay=args.weight_decay, adamw_groups=args.adamw_groups,
+                                  muon_coeffs=args.muon_coeffs, muon_row_equil=args.muon_eq, muon_renorm=args.muon_plus,
+                                  normuon=args.normuon, muon_weight_decay=args.muon_weight_decay,
+                                  cautious_wd=args.cautious_wd, device_type=device_type, owners=owners, rank=rank,
+                                  world_size=world_size)
 
     def sync_grads():
         if sharded:  # each gradient summed onto the rank that owns its optimizer state
@@ -280,13 +286,13 @@ def main(argv=None):
 def train(args, config, device_type, device, ddp, rank, world_size, init=None):
     """config: resolve_config's (its vocab size is set here from the tokenizer, unless --init-from).
     init: {checkpoint, meta} for --init-from (weights, tokenizer, data position)."""
-    from nanochat.gpt import build_model, meta_model, describe_params
+    from nanochat.gpt import build_model, meta_model
     from nanochat.optim import optimizer_state_mib_per_rank
     from nanochat.tokenizer import get_tokenizer, load_token_bytes
     from nanochat.dataloader import data_loader
     from nanochat.dataset import list_shards, split_shards, read_entropy_floor
     from nanochat.moe import collect_moe_stats, format_moe_stats, newly_dead_experts
-    from nanochat.train_step import train_step, get_lr_multiplier, get_muon_momentum
+    from nanochat.train_step import train_step, get_lr_multiplier, get_muon_momentum, get_muon_weight_decay
     from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_latest_step, set_rng_state, read_loader_states
     from nanochat.expert_parallel import full_state_dict, local_expert_slices
 
@@ -323,7 +329,8 @@ def train(args, config, device_type, device, ddp, rank, world_size, init=None):
             ckpt_parent, ckpt_name = os.path.split(os.path.normpath(init["checkpoint"]))
             load_checkpoint(ckpt_parent, ckpt_name, model, None, rank, device, slices=load_slices)
         print0(f"Initialised from {init['checkpoint']} (step {init['meta']['step']}, val bpb {init['meta'].get('val_bpb')}, "
-               f"{init_flops:.3e} FLOPs before this run); fresh optimizer, LR warm-up {args.warmup_ratio:g} of the steps")
+               f"{init_flops:.3e} FLOPs before this run); fresh optimizer, LR warm-up "
+               + (f"{args.warmup_steps} steps" if args.warmup_steps is not None else f"{args.warmup_ratio:g} of the steps"))
     whole = model if ep == 1 else meta_model(config)  # counts and FLOPs are of the whole model
     params = whole.num_scaling_params()
     flops_per_token = whole.estimate_flops()
@@ -346,7 +353,8 @@ def train(args, config, device_type, device, ddp, rank, world_size, init=None):
            f"{flops_per_token * total_tokens:.3e} FLOPs; grad accum {grad_accum} x {world_size} process(es)")
     print0(f"LR: matrix {args.matrix_lr:g}, embedding {args.embedding_lr:g}, unembedding {args.unembedding_lr:g}"
            + (f", router {args.router_lr:g}" if config.use_moe or config.mod_capacity else "")
-           + f" | warm-up {args.warmup_ratio:g}, warm-down {args.warmdown_ratio:g} of the steps | device {device_type} x {world_size}")
+           + (f" | warm-up {args.warmup_steps} steps" if args.warmup_steps is not None else f" | warm-up {args.warmup_ratio:g}")
+           + f", warm-down {args.warmdown_ratio:g} of the steps to {args.final_lr_frac:g}x | device {device_type} x {world_size}")
     if entropy_floor is not None:
         print0(f"Entropy floor of the validation data: {entropy_floor:.4f} bits/byte (irreducible)")
 
@@ -361,7 +369,9 @@ def train(args, config, device_type, device, ddp, rank, world_size, init=None):
     # Under EP the token exchange is the exception: its split sizes are host data, so it runs eager
     # between compiled graphs (a graph break per MoE layer; the graphs' shapes stay fixed).
     train_model = torch.compile(model, dynamic=False, fullgraph=ep == 1) if use_compile else model
-    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    autocast = training_autocast(device_type, config)
+    if config.cast_weights and device_type == "cuda":  # nanochat's way: bf16 activations, fp32 master weights
+        model.set_compute_dtype(torch.bfloat16)
 
     model_tag = args.model_tag or (f"d{config.n_layer}" + (f"_moe{config.n_experts}k{config.expert_topk}" if config.use_moe else "")
                                    + (f"_mod{config.mod_capacity:g}" if config.mod_capacity else "")
@@ -475,9 +485,13 @@ def train(args, config, device_type, device, ddp, rank, world_size, init=None):
         # synced over ranks, the update (idle experts stay; MoE/MoD bookkeeping in Muon's hook)
         t0 = time.time()
 
-        lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac,
+                                args.warmup_steps)
+        momentum = get_muon_momentum(step, args.muon_momentum_schedule, num_iterations, args.warmdown_ratio)
+        muon_wd = get_muon_weight_decay(step, num_iterations, args.muon_weight_decay, args.muon_wd_schedule)
         loss_means = train_step(model, train_model, optimizers, next_batch, grad_accum, autocast, lr_multiplier=lrm,
-                                muon_momentum=get_muon_momentum(step), sync_grads=sync_grads, after_update=after_update)
+                                muon_momentum=momentum, sync_grads=sync_grads, after_update=after_update,
+                                muon_weight_decay=muon_wd)
         if ddp:
             dist.all_reduce(loss_means)
             loss_means /= world_size

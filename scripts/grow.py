@@ -80,7 +80,7 @@ def main(argv=None):
     args = parse_args(argv)
     device_type, target_dir = validate_args(args)
     from nanochat.checkpoint import checkpoint_for, load_model, read_loader_states, save_weights_checkpoint
-    from nanochat.gpt import describe_params
+    from nanochat.report import describe_params
     from nanochat.grow import (upcycle, grow_width, grow_depth, depth_layer_map, verify, verify_autocast,
                                autocast_line, TOLERANCE)
     device = torch.device(device_type)

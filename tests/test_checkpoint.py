@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import nanochat.checkpoint as ckpt
+from nanochat.common import compute_cleanup, exit_distributed_worker
 from nanochat.checkpoint import find_latest_step, load_checkpoint, save_checkpoint
 from nanochat.common import UserError
 from nanochat.gpt import GPTConfig, build_model
@@ -533,7 +534,8 @@ def _full_disk_worker(rank, port, out):
     attempt(5)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    dist.destroy_process_group()
+    compute_cleanup()
+    exit_distributed_worker()  # gloo's threads can abort an interpreter teardown (nanochat/common.py)
 
 
 def test_full_disk_under_two_ranks_gives_every_rank_the_same_error(tmp_path):

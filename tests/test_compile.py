@@ -36,12 +36,18 @@ def _skew_router(model, step, generator):
                 w.normal_(0.0, 1.0, generator=generator)
 
 
-def _train_compiled(use_moe, steps=5, mtp_heads=0, mod_capacity=0.0, layer_pattern="A"):
+# nanochat's architecture pieces, the short window (128 at sequence_len 160) masking 160 tokens
+NANOCHAT = dict(value_embeds=True, layer_lambdas=True, smear=True, backout=True, window_pattern="SL",
+                rotary_base=100000.0, qk_scale=1.2, vocab_pad=64, embedding_init_std=0.8, fc_init_scale=0.4,
+                cast_weights=True)
+
+
+def _train_compiled(use_moe, steps=5, mtp_heads=0, mod_capacity=0.0, layer_pattern="A", seq=32, **extra):
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+    config = GPTConfig(sequence_len=seq, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
                        use_moe=use_moe, n_experts=N_EXPERTS, expert_topk=2, expert_hidden_mult=2, mtp_heads=mtp_heads,
                        mod_capacity=mod_capacity, mod_freq=1, layer_pattern=layer_pattern, mamba_d_state=16,
-                       mamba_head_dim=32, mamba_chunk=8)
+                       mamba_head_dim=32, mamba_chunk=8, **extra)
     model = build_model(config, torch.device("cpu"))
     optimizers = setup_optimizers(model)
     compiled = torch.compile(model, dynamic=False, fullgraph=True)  # as scripts/base_train.py does
@@ -54,8 +60,8 @@ def _train_compiled(use_moe, steps=5, mtp_heads=0, mod_capacity=0.0, layer_patte
         for step in range(steps):
             if use_moe:
                 _skew_router(model, step, generator)
-            x = torch.randint(0, 128, (4, 32), generator=generator)
-            y = torch.randint(0, 128, (4, 32), generator=generator)
+            x = torch.randint(0, 128, (4, seq), generator=generator)
+            y = torch.randint(0, 128, (4, seq), generator=generator)
             with torch.no_grad():
                 eager_loss, _ = model(x, y)
             t0 = time.time()
@@ -97,3 +103,12 @@ def test_compiled_training_never_recompiles(use_moe, mtp_heads, mod_capacity, la
         # the routing really changed between steps, and some steps left experts without a token
         assert all(a != b for a, b in zip(per_step, per_step[1:]))
         assert any(v == 0 for s in per_step for v in s)
+
+
+def test_nanochat_features_compile_without_recompiles():
+    """Value embeddings, lambdas, smear, backout, a sliding window that masks, padded vocab and
+    cast weights, on an MoE with an MTP head: one graph for every step."""
+    r = _train_compiled(True, steps=3, mtp_heads=1, seq=160, **NANOCHAT)
+    assert r["graphs"] == r["graphs_after_warmup"] >= 1 and r["recompiles"] == 0
+    for compiled_loss, eager_loss in r["losses"]:
+        assert compiled_loss == pytest.approx(eager_loss, rel=2e-2)

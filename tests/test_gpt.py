@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from nanochat.gpt import GPTConfig, MLP, build_model, describe_params
+from nanochat.gpt import GPTConfig, MLP, build_model
+from nanochat.report import describe_params
 from nanochat.moe import MoE
 
 

@@ -284,7 +284,8 @@ def test_param_roles_partition_the_parameters():
 # ------------------------------------------------------------------ in the GPT: hybrid models
 
 from nanochat.engine import generate, new_kv_cache  # noqa: E402
-from nanochat.gpt import GPTConfig, build_model, describe_params  # noqa: E402
+from nanochat.gpt import GPTConfig, build_model  # noqa: E402
+from nanochat.report import describe_params  # noqa: E402
 from nanochat.optim import setup_optimizers  # noqa: E402
 
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.engine import KVCache, generate, new_kv_cache
-from nanochat.gpt import GPTConfig, build_model, describe_params, norm
+from nanochat.gpt import GPTConfig, build_model, norm
+from nanochat.report import describe_params
 from nanochat.mod import (MoDRouter, mod_tokens, topk_positions, straight_through_gate, causal_stats,
                           routed_attention_mask, update_mod_thresholds, gather_positions, scatter_positions)
 from nanochat.optim import setup_optimizers

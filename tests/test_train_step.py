@@ -140,3 +140,15 @@ def test_lr_multiplier_and_momentum_are_applied_to_every_group():
             assert group["lr"] == pytest.approx(group["initial_lr"] * lrm)
     assert optimizers[1].param_groups[0]["momentum"] == 0.9
     assert all(p.grad is None for p in model.parameters())  # freed after the step
+
+
+def test_optimizer_step_sets_muon_momentum_and_weight_decay_only_on_muon():
+    model = make()
+    adamw, muon = setup_optimizers(model, weight_decay=0.01, muon_weight_decay=0.3, cautious_wd=True)
+    ce, aux = model(*batch(3))
+    model.training_loss(ce, aux).backward()
+    optimizer_step(model, [adamw, muon], lr_multiplier=0.5, muon_momentum=0.9, muon_weight_decay=0.1)
+    assert all(g["momentum"] == 0.9 and g["weight_decay"] == 0.1 and g["lr"] == 0.01 for g in muon.param_groups)
+    assert all(g["weight_decay"] == 0.01 and g["lr"] == g["initial_lr"] * 0.5 for g in adamw.param_groups)
+    optimizer_step(model, [adamw, muon])  # not given: left as they are
+    assert all(g["momentum"] == 0.9 and g["weight_decay"] == 0.1 for g in muon.param_groups)
