@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.attention import (CausalSelfAttention, CastLinear, apply_rotary_emb, has_value_embed, layer_windows,
+from nanochat.attention import (CausalSelfAttention, CastLinear, has_value_embed, layer_windows,
                                 linear_class, norm, precompute_rotary)
 from nanochat.mamba import Mamba2
 from nanochat.moe import MoE, moe_layers, relu2

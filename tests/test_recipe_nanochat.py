@@ -8,12 +8,14 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.moe import moe_layers
 from nanochat.optim import (Muon, setup_optimizers, zeropower_via_newtonschulz5, zeropower_via_polar_express,
                             equilibrate_rows, renormalize, normuon_scale, ADAMW_GROUPS)
 from nanochat.train_step import optimizer_step, get_lr_multiplier, get_muon_momentum, get_muon_weight_decay
+from tests.test_base_train import TINY, MOE, run_train, read_metrics, of_type
 from tests.test_optim import idle_moe_model, force_idle, train_step as moe_step, expert_weights
 
 ALL_ON = dict(coeffs="polar", row_equil=True, renorm=True, normuon=True, weight_decay=0.3, cautious_wd=True)
@@ -337,3 +339,103 @@ def test_a_muon_state_saved_before_the_options_loads_and_steps():
     new.load_state_dict(state)
     assert new.param_groups[0]["coeffs"] == "quintic" and new.param_groups[0]["weight_decay"] == 0.0
     new.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# base_train end to end: recipe flags default to today's, the preset holds nanochat's values
+
+RECIPE = ["--adamw-groups", "nanochat", "--muon-coeffs", "polar", "--muon-eq", "--muon-plus", "--normuon",
+          "--muon-weight-decay", "0.28", "--cautious-wd", "--muon-wd-schedule", "cosine", "--warmup-steps", "2",
+          "--warmdown-ratio", "0.65", "--final-lr-frac", "0.05", "--muon-momentum-schedule", "nanochat"]
+
+
+def test_recipe_flags_default_to_todays_training():
+    from scripts.base_train import parse_args
+    args = parse_args([])
+    assert (args.adamw_groups, args.muon_coeffs, args.muon_eq, args.muon_plus, args.normuon) == \
+        ("default", "quintic", False, False, False)
+    assert (args.muon_weight_decay, args.cautious_wd, args.muon_wd_schedule) == (0.0, False, "constant")
+    assert (args.warmup_steps, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac) == (None, 0.0, 0.2, 0.0)
+    assert (args.muon_momentum_schedule, args.weight_decay) == ("default", 0.0)
+    assert (args.embedding_lr, args.unembedding_lr, args.matrix_lr) == (0.2, 0.004, 0.02)
+
+
+def test_nanochat_recipe_preset_as_defaults_explicit_flags_win():
+    from nanochat.model_args import apply_preset_defaults
+    from scripts.base_train import build_parser, RECIPE_PRESETS
+    preset = RECIPE_PRESETS["nanochat"]
+    args = apply_preset_defaults(build_parser(), preset).parse_args([])
+    assert all(getattr(args, k) == v for k, v in preset.items())
+    assert (args.muon_coeffs, args.normuon, args.cautious_wd, args.muon_weight_decay) == ("polar", True, True, 0.28)
+    assert (args.warmup_steps, args.warmdown_ratio, args.final_lr_frac) == (40, 0.65, 0.05)
+    assert (args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.lambda_lr) == (0.3, 0.008, 0.02, 0.5)
+    args = apply_preset_defaults(build_parser(), preset).parse_args(["--muon-coeffs", "quintic", "--warmup-steps", "5"])
+    assert (args.muon_coeffs, args.warmup_steps, args.normuon) == ("quintic", 5, True)
+    with pytest.raises(AssertionError, match="not flags"):
+        apply_preset_defaults(build_parser(), {"no_such_flag": 1})
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_cast_weights_models_train_without_autocast():
+    from types import SimpleNamespace
+    from contextlib import nullcontext
+    from scripts.base_train import training_autocast
+    assert isinstance(training_autocast("cuda", SimpleNamespace(cast_weights=True)), nullcontext)
+    assert isinstance(training_autocast("cpu", SimpleNamespace()), nullcontext)
+    assert isinstance(training_autocast("cuda", SimpleNamespace()), torch.amp.autocast)
+
+
+def test_nanochat_recipe_trains_and_resumes_exactly(base_dir):
+    """Every recipe flag on, an MoE: the NorMuon second moments and the schedules survive a
+    checkpoint, so resuming from step 3 gives the uninterrupted run's losses and weights."""
+    tag = "recipe_resume"
+    args = TINY + MOE + RECIPE + ["--num-iterations", "6", "--eval-every", "-1", "--save-every", "3", "--model-tag", tag]
+    p = run_train(base_dir, args)
+    assert "Polar Express, MuonEq, Muon+, NorMuon, cautious wd 0.28" in p.stdout and "nanochat groups" in p.stdout
+    ckpts = base_dir / "runs" / tag / "checkpoints"
+    full = of_type(read_metrics(base_dir, tag), "train")
+    full_weights = load_file(str(ckpts / "step_000006" / "model.safetensors"))
+    assert full[-1]["train_loss"] < full[0]["train_loss"]
+    assert [r["lr_mult"] for r in full][:2] == [0.5, 1.0]  # --warmup-steps 2
+    run_train(base_dir, args + ["--resume-from-step", "3"])
+    resumed = of_type(read_metrics(base_dir, tag), "train")
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]
+    resumed_weights = load_file(str(ckpts / "step_000006" / "model.safetensors"))
+    assert all(torch.equal(full_weights[k], resumed_weights[k]) for k in full_weights)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_nanochat_recipe_sharded_over_2_processes_matches_one(base_dir):
+    """ZeRO-1 with the recipe's extra state (NorMuon's second moments live with their owner)."""
+    args = TINY + MOE + RECIPE + ["--total-batch-size", "1024", "--num-iterations", "4", "--eval-every", "-1"]
+    losses = {}
+    for n in (1, 2):
+        run_train(base_dir, args + ["--model-tag", f"recipe_zero{n}"], nproc=n)
+        losses[n] = [r["train_loss"] for r in of_type(read_metrics(base_dir, f"recipe_zero{n}"), "train")]
+    assert len(losses[2]) == 4 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(losses[1], losses[2])), losses
+
+
+def test_preset_nanochat_sets_the_model_and_the_recipe_and_given_flags_win(base_dir):
+    """--preset nanochat: nanochat's model (model_args.MODEL_PRESETS) and training recipe
+    (RECIPE_PRESETS) as defaults; a flag on the command line wins; without it, nothing changes.
+    And an MoE with the whole preset trains (3 steps, finite and falling loss)."""
+    from nanochat.gpt import GPTConfig
+    from scripts.base_train import parse_args, resolve_config, explicit_flags
+    argv = ["--preset", "nanochat", "--depth", "4", "--qk-scale", "1.0", "--warmup-steps", "5"]
+    args = parse_args(argv)
+    cfg = resolve_config(args, explicit_flags(argv))
+    assert (cfg.value_embeds, cfg.layer_lambdas, cfg.smear, cfg.backout) == (True, True, True, True)
+    assert cfg.window_pattern == "SSSL" and cfg.rotary_base == 100000.0 and cfg.vocab_pad == 64
+    assert cfg.qk_scale == 1.0 and cfg.n_embd // cfg.n_head == 128  # given wins; nanochat's head dim
+    assert args.muon_coeffs == "polar" and args.normuon and args.cautious_wd and args.warmup_steps == 5
+    plain = parse_args(["--depth", "4"])
+    assert resolve_config(plain, explicit_flags(["--depth", "4"])) == GPTConfig(vocab_size=plain.vocab_size, n_layer=4,
+                                                                                n_embd=256, n_head=4, n_kv_head=4)
+    assert plain.muon_coeffs == "quintic" and not plain.normuon
+    tag = "preset_nanochat"
+    run_train(base_dir, TINY + MOE + ["--preset", "nanochat", "--num-iterations", "3", "--eval-every", "-1",
+                                      "--model-tag", tag])
+    records = read_metrics(base_dir, tag)
+    assert records[0]["config"]["value_embeds"] and records[0]["config"]["use_moe"]
+    losses = [r["train_loss"] for r in of_type(records, "train")]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
