@@ -211,7 +211,7 @@ def print_samples(model, tokenizer, prompts, autocast, max_tokens=24):
     model.train()
 
 
-def parallel_optimizers(model, args, device_type, rank, world_size):
+def parallel_optimizers(model, args, device_type, rank, world_size, sharded):
     """The optimizers and how gradients and parameters cross ranks, for train_step: expert
     parallelism (each rank's experts exchange tokens; expert grads summed over replicas), the
     sharded optimizer (ZeRO-1: each gradient reduced to the rank owning its state, parameters
@@ -229,7 +229,6 @@ def parallel_optimizers(model, args, device_type, rank, world_size):
                f"({n_local:,} expert params here, 1/{ep} of {n_local * ep:,})")
     local = set(expert_params)
     replicated = [p for p in model.parameters() if p not in local]
-    sharded = world_size > 1 and args.shard_optimizer != "off"
     owners = shard_owners(model, world_size, replicated) if sharded else None
     optimizers = setup_optimizers(model, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                   matrix_lr=args.matrix_lr, router_lr=args.router_lr, lambda_lr=args.lambda_lr,
@@ -358,8 +357,8 @@ def train(args, config, device_type, device, ddp, rank, world_size, init=None):
     if entropy_floor is not None:
         print0(f"Entropy floor of the validation data: {entropy_floor:.4f} bits/byte (irreducible)")
 
-    optimizers, sync_grads, after_update, ep_group = parallel_optimizers(model, args, device_type, rank, world_size)
     sharded = world_size > 1 and args.shard_optimizer != "off"
+    optimizers, sync_grads, after_update, ep_group = parallel_optimizers(model, args, device_type, rank, world_size, sharded)
     n_mod = len(model.mod_layers())
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
     # Fixed shapes, one graph: the MoE's tensors are sized by (tokens, k, experts) only; how many

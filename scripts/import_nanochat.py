@@ -32,7 +32,6 @@ logits equal nanochat's own forward on the same checkpoint (tests/test_import_na
 against reference logits made with nanochat's code: tests/fixtures/nanochat/README.md).
 """
 
-import dataclasses
 import json
 import os
 import pickle
@@ -40,12 +39,12 @@ import re
 import shutil
 
 from nanochat.common import ArgumentParser, UserError, require, run_main, get_base_dir, git_commit
+from scripts.prepare_data import DATA_SOURCES, add_data_args, validate_data_args, prepare_shards
 
 # nanochat's GPTConfig fields (model_config in its meta_<step>.json)
 NANOCHAT_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")
 NANOCHAT_VOCAB_PAD = 64  # nanochat's GPT(pad_vocab_size_to=64): the checkpoint's wte / lm_head / value-embedding rows
 COMPILE_PREFIX = "_orig_mod."
-DATA_SOURCES = ("synthetic", "fineweb")
 
 
 def parse_args(argv=None):
@@ -57,14 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--to", dest="target", required=True, help="model tag of the new run (under $NANOCHAT_BASE_DIR/runs)")
     p.add_argument("--tokenizer-dir", default="",
                    help="folder with nanochat's tokenizer.pkl (default: <--from>/../../tokenizer, nanochat's layout)")
-    p.add_argument("--data", required=True,
-                   help="what base_train --init-from continues on: synthetic | fineweb | PATH (a folder of parquet "
-                        "shards, or .txt/.jsonl/.parquet files to build shards from); a fresh data position")
-    p.add_argument("--synthetic-train-docs", type=int, default=20000, help="--data synthetic: train documents")
-    p.add_argument("--num-shards", type=int, default=8, help="--data fineweb: shards to download (the last is validation)")
-    p.add_argument("--data-url", default="", help="--data fineweb: base URL of the shards")
-    p.add_argument("--text-field", default="text", help="--data PATH: the text field of .jsonl / column of .parquet inputs")
-    p.add_argument("--doc-separator", default=None, help="--data PATH: split .txt files on this string (default: blank lines)")
+    add_data_args(p, tokenizer=False,  # the checkpoint brings its tokenizer
+                  data_help="what base_train --init-from continues on: synthetic | fineweb | PATH (a folder of parquet "
+                            "shards, or .txt/.jsonl/.parquet files to build shards from); a fresh data position")
     p.add_argument("--world-size", type=int, default=1,
                    help="processes the run will train with (base_train --init-from needs one data position per rank)")
     return p.parse_args(argv)
@@ -271,13 +265,8 @@ def nanochat_features():
     preset of nanochat/model_args.py (value embeddings, per-layer lambdas, smear, backout, rotary
     base 1e5, q/k x1.2, its init, weights cast to the activation dtype), less its shape and window
     pattern, which are the checkpoint's own, as are the vocab rows (padded to a multiple of 64)."""
-    try:
-        from nanochat.model_args import MODEL_PRESETS, NANOCHAT_FLAGS
-        preset = MODEL_PRESETS["nanochat"]
-    except (ImportError, KeyError) as e:
-        raise UserError(f"this checkout has no 'nanochat' preset in nanochat/model_args.py ({e}): nanochat's "
-                        f"architecture features are needed to import its checkpoints")
-    features = {k: v for k, v in preset.items() if k in NANOCHAT_FLAGS and k != "window_pattern"}
+    from nanochat.model_args import MODEL_PRESETS, NANOCHAT_FLAGS
+    features = {k: v for k, v in MODEL_PRESETS["nanochat"].items() if k in NANOCHAT_FLAGS and k != "window_pattern"}
     features["vocab_pad"] = NANOCHAT_VOCAB_PAD
     return features
 
@@ -285,37 +274,7 @@ def nanochat_features():
 def our_config(cfg):
     """Our GPTConfig for nanochat's model_config: its shape and window pattern, nanochat's features."""
     from nanochat.gpt import GPTConfig
-    features = nanochat_features()
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    lacking = [k for k in features if k not in fields]
-    if lacking:
-        raise UserError(f"this checkout's GPTConfig has no field {lacking[0]!r} ({', '.join(lacking)}): nanochat's "
-                        f"architecture features are needed to import its checkpoints")
-    return GPTConfig(**cfg, **features)
-
-
-def prepare_shards(args):
-    """The shard folder for --data (built or downloaded when missing, as scripts.prepare_data does
-    and at the same place, so base_train --data finds the same folder); no tokenizer is trained."""
-    from nanochat import dataset, synthetic
-    base = get_base_dir()
-    if args.data == "synthetic":
-        data_dir = os.path.join(base, "data", "synthetic")
-        synthetic.prepare_synthetic(data_dir, num_train_docs=args.synthetic_train_docs)
-    elif args.data == "fineweb":
-        data_dir = os.path.join(base, "data", "fineweb")
-        dataset.download_shards(args.data_url or dataset.DEFAULT_FINEWEB_URL, range(args.num_shards), data_dir)
-    else:
-        path = os.path.abspath(args.data)
-        if os.path.isdir(path) and any(f.startswith("shard_") and f.endswith(".parquet") for f in os.listdir(path)):
-            data_dir = path
-        else:
-            data_dir = os.path.join(base, "data", "local_" + os.path.splitext(os.path.basename(os.path.normpath(path)))[0])
-            if not os.path.exists(os.path.join(data_dir, "build_info.json")):
-                print(f"Building shards from {args.data} into {data_dir} ...")
-                dataset.build_shards([args.data], data_dir, text_field=args.text_field, separator=args.doc_separator)
-    dataset.list_shards(data_dir)  # one line when the folder is unusable
-    return data_dir
+    return GPTConfig(**cfg, **nanochat_features())
 
 
 def fresh_loader_state():
@@ -331,11 +290,7 @@ def validate_args(args):
                                             f"(nothing is overwritten)")
     require(args.world_size >= 1, f"--world-size must be >= 1 (got {args.world_size})")
     require(args.step is None or args.step >= 0, f"--step must be >= 0 (got {args.step})")
-    if args.data not in DATA_SOURCES:
-        require(os.path.exists(args.data), f"--data {args.data!r}: not one of {', '.join(DATA_SOURCES)} and no such "
-                                           f"file or folder")
-    require(args.num_shards >= 2, f"--num-shards must be >= 2 (the last shard is validation), got {args.num_shards}")
-    require(args.synthetic_train_docs >= 1, f"--synthetic-train-docs must be >= 1, got {args.synthetic_train_docs}")
+    validate_data_args(args)
     tok_dir = args.tokenizer_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.source))), "tokenizer")
     return target_dir, os.path.join(tok_dir, "tokenizer.pkl")
 

@@ -20,10 +20,13 @@ from nanochat.common import require, ArgumentParser, run_main, print0, get_base_
 DATA_SOURCES = ("synthetic", "fineweb")
 
 
-def add_data_args(p, default_data=None):
-    """The flags that say which data a run trains on and how it is prepared (base_train has them too)."""
-    p.add_argument("--data", default=default_data, help="synthetic (default) | fineweb | PATH (folder of shards, or .txt/.jsonl/.parquet)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="vocab size when a tokenizer must be trained for --data")
+def add_data_args(p, default_data=None, tokenizer=True, data_help=None):
+    """The flags that say which data a run trains on and how it is prepared (base_train and
+    import_nanochat have them too). tokenizer=False: no --vocab-size (one that brings its own)."""
+    p.add_argument("--data", default=default_data, required=default_data is None and data_help is not None,
+                   help=data_help or "synthetic (default) | fineweb | PATH (folder of shards, or .txt/.jsonl/.parquet)")
+    if tokenizer:
+        p.add_argument("--vocab-size", type=int, default=4096, help="vocab size when a tokenizer must be trained for --data")
     p.add_argument("--synthetic-train-docs", type=int, default=20000, help="train documents of the built-in corpus")
     p.add_argument("--text-field", default="text", help="--data PATH: the text field of .jsonl / column of .parquet inputs")
     p.add_argument("--doc-separator", default=None, help="--data PATH: split .txt files on this string (default: blank lines)")
@@ -33,7 +36,8 @@ def add_data_args(p, default_data=None):
 
 def validate_data_args(args):
     """The cheap checks of the data flags, before anything is downloaded or built. Raises UserError."""
-    require(args.vocab_size >= 257, f"--vocab-size must be >= 257 (256 bytes + BOS), got {args.vocab_size}")
+    if hasattr(args, "vocab_size"):
+        require(args.vocab_size >= 257, f"--vocab-size must be >= 257 (256 bytes + BOS), got {args.vocab_size}")
     if args.data not in DATA_SOURCES:
         require(os.path.exists(args.data), f"--data {args.data!r}: not one of {', '.join(DATA_SOURCES)} and no such file or folder")
     if args.data == "fineweb":
@@ -42,37 +46,47 @@ def validate_data_args(args):
         require(args.synthetic_train_docs >= 1, f"--synthetic-train-docs must be >= 1, got {args.synthetic_train_docs}")
 
 
+def data_location(args):
+    """(corpus name, shard folder, True when the shards are built from the user's files) for --data.
+    The tokenizer belongs to the corpus name."""
+    if args.data in DATA_SOURCES:
+        return args.data, os.path.join(get_base_dir(), "data", args.data), False
+    path = os.path.abspath(args.data)
+    is_shard_folder = os.path.isdir(path) and any(f.startswith("shard_") and f.endswith(".parquet") for f in os.listdir(path))
+    name = "local_" + os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    return name, path if is_shard_folder else os.path.join(get_base_dir(), "data", name), not is_shard_folder
+
+
+def prepare_shards(args):
+    """Make sure --data's shards exist (one process: generated, downloaded or built from the
+    user's files, each only when missing). Returns the shard folder."""
+    from nanochat import dataset, synthetic
+    _, data_dir, built = data_location(args)
+    if args.data == "synthetic":
+        if not os.path.exists(os.path.join(data_dir, "entropy.json")):
+            print0(f"Preparing the built-in corpus in {data_dir} (first use) ...")
+        synthetic.prepare_synthetic(data_dir, num_train_docs=args.synthetic_train_docs)
+    elif args.data == "fineweb":
+        url = args.data_url or dataset.DEFAULT_FINEWEB_URL
+        print0(f"Making sure {args.num_shards} shards from {url} are in {data_dir} ...")
+        dataset.download_shards(url, range(args.num_shards), data_dir)
+    elif built and not os.path.exists(os.path.join(data_dir, "build_info.json")):
+        print0(f"Building shards from {args.data} into {data_dir} ...")
+        dataset.build_shards([args.data], data_dir, text_field=args.text_field, separator=args.doc_separator)
+    elif built:
+        print0(f"Using shards built earlier from {args.data} in {data_dir} (delete that folder to rebuild)")
+    dataset.list_shards(data_dir)  # fails with a clear line when the folder is unusable
+    return data_dir
+
+
 def prepare_data(args, rank, ddp):
     """Make sure the shards and the tokenizer for --data exist (rank 0 prepares, others wait).
     Returns (data_dir, tokenizer_dir)."""
-    from nanochat import dataset, synthetic, tokenizer as tok
-    base = get_base_dir()
-    built = False  # True when --data names the user's own files, turned into shards under base/data
-    if args.data in DATA_SOURCES:
-        name = args.data
-        data_dir = os.path.join(base, "data", name)
-    else:
-        path = os.path.abspath(args.data)
-        is_shard_folder = os.path.isdir(path) and any(f.startswith("shard_") and f.endswith(".parquet") for f in os.listdir(path))
-        name = "local_" + os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-        data_dir = path if is_shard_folder else os.path.join(base, "data", name)
-        built = not is_shard_folder
+    from nanochat import tokenizer as tok
+    name, data_dir, _ = data_location(args)
     tokenizer_dir = tok.get_tokenizer_dir(name)  # a tokenizer belongs to the corpus it was trained on
     if rank == 0:
-        if args.data == "synthetic":
-            if not os.path.exists(os.path.join(data_dir, "entropy.json")):
-                print0(f"Preparing the built-in corpus in {data_dir} (first use) ...")
-            synthetic.prepare_synthetic(data_dir, num_train_docs=args.synthetic_train_docs)
-        elif args.data == "fineweb":
-            url = args.data_url or dataset.DEFAULT_FINEWEB_URL
-            print0(f"Making sure {args.num_shards} shards from {url} are in {data_dir} ...")
-            dataset.download_shards(url, range(args.num_shards), data_dir)
-        elif built and not os.path.exists(os.path.join(data_dir, "build_info.json")):
-            print0(f"Building shards from {args.data} into {data_dir} ...")
-            dataset.build_shards([args.data], data_dir, text_field=args.text_field, separator=args.doc_separator)
-        elif built:
-            print0(f"Using shards built earlier from {args.data} in {data_dir} (delete that folder to rebuild)")
-        dataset.list_shards(data_dir)  # fails with a clear line when the folder is unusable
+        prepare_shards(args)
         if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
             print0(f"No tokenizer for this data yet: training one (vocab {args.vocab_size}) into {tokenizer_dir} ...")
             tok.train_tokenizer(data_dir, tokenizer_dir, args.vocab_size)

@@ -7,7 +7,6 @@ tokenizer pickle is read without running anything it names; bad inputs are one l
 The tests that build the model need nanochat's architecture features in our GPTConfig
 (value_embeds, layer_lambdas, smear, backout, ...): they skip, saying so, until it has them."""
 
-import dataclasses
 import json
 import os
 import pickle
@@ -20,7 +19,6 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from nanochat.gpt import GPTConfig
 from scripts import import_nanochat as imp
 from tests.test_base_train import REPO, train_env, run_train, read_metrics, of_type
 
@@ -33,21 +31,6 @@ NC_CONFIG = dict(sequence_len=512, vocab_size=300, n_layer=3, n_head=2, n_kv_hea
 # nanochat's architecture at 92d63d4 in our GPTConfig's fields (its window pattern is the checkpoint's)
 NC_FEATURES = dict(value_embeds=True, layer_lambdas=True, smear=True, backout=True, rotary_base=100000.0, qk_scale=1.2,
                    vocab_pad=64, embedding_init_std=0.8, fc_init_scale=0.4, cast_weights=True)
-
-
-def missing_features():
-    try:
-        features = imp.nanochat_features()
-    except UserError as e:
-        return [str(e).split(":")[0]]
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    return [k for k in {**NC_FEATURES, **features} if k not in fields]
-
-
-MISSING_FEATURES = missing_features()
-needs_features = pytest.mark.skipif(
-    bool(MISSING_FEATURES), reason=f"GPTConfig has no {', '.join(MISSING_FEATURES)} yet (nanochat's architecture "
-                                   f"features, issue 25 item 1): the imported model cannot be built")
 
 
 def run_import(base_dir, args, check=True):
@@ -288,19 +271,11 @@ def test_existing_run_is_refused(tmp_path):
     assert os.listdir(base / "runs") == ["taken"]
 
 
-@pytest.mark.skipif(not MISSING_FEATURES, reason="GPTConfig has nanochat's features: the import goes on")
-def test_without_the_features_the_import_is_refused_in_one_line(tmp_path):
-    p = run_import(tmp_path / "base", ["--from", str(SOURCE), "--to", "x", "--data", "synthetic"], check=False)
-    one_line_error(p, "nanochat's architecture features are needed")
-
-
 # ---------------------------------------------------------------------------------------------
 # 4. The imported run: nanochat's logits, exact upcycling, training with --init-from
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    if MISSING_FEATURES:
-        pytest.skip(f"GPTConfig has no {', '.join(MISSING_FEATURES)} yet (nanochat's architecture features)")
     tmp = tmp_path_factory.mktemp("import")
     base = tmp / "base"
     data = write_text_data(tmp / "texts.txt")
@@ -312,7 +287,6 @@ def ckpt(base, tag, step=0):
     return Path(base) / "runs" / tag / "checkpoints" / f"step_{step:06d}"
 
 
-@needs_features
 def test_imported_logits_equal_nanochats(imported):
     from nanochat.checkpoint import load_model
     base, _, out = imported
@@ -327,7 +301,6 @@ def test_imported_logits_equal_nanochats(imported):
     assert tokenizer.get_vocab_size() == 300 and tokenizer.special_tokens["<|output_end|>"] == 299
 
 
-@needs_features
 def test_imported_run_is_a_step0_checkpoint(imported):
     base, data, out = imported
     d = ckpt(base, "nc")
@@ -347,7 +320,6 @@ def test_imported_run_is_a_step0_checkpoint(imported):
     one_line_error(p, "--to nc", "already exists")
 
 
-@needs_features
 def test_upcycle_after_import_is_exact_and_trains(imported):
     from tests.test_grow_script import run_py
     base, _, _ = imported
@@ -369,7 +341,6 @@ def test_upcycle_after_import_is_exact_and_trains(imported):
         assert (ckpt(base, tag, 1) / "meta.json").exists()
 
 
-@needs_features
 def test_one_data_position_per_process(imported):
     base, data, _ = imported
     run_import(base, ["--from", str(SOURCE), "--to", "nc_x2", "--data", str(data), "--world-size", "2"])

@@ -33,18 +33,27 @@ def test_newton_schulz_is_per_matrix_for_stacked_experts():
         assert torch.allclose(batched[e], zeropower_via_newtonschulz5(G[e]), atol=1e-5)
 
 
-def test_muon_on_stacked_experts_equals_muon_on_each_expert():
+def stacked_and_single_muon(steps=3, big_expert=1.0, **options):
+    """Muon on one stacked (3, 8, 4) expert weight and on its 3 matrices one by one, the same
+    gradients (expert 2's times big_expert) for `steps` steps. Returns (stacked, singles, the
+    stacked optimizer, the singles' optimizer)."""
     torch.manual_seed(0)
     stacked = torch.nn.Parameter(torch.randn(3, 8, 4))
     singles = [torch.nn.Parameter(stacked[e].detach().clone()) for e in range(3)]
-    opt_a, opt_b = Muon([stacked], lr=0.1), Muon(singles, lr=0.1)
-    for _ in range(3):
+    opt_a, opt_b = Muon([stacked], lr=0.1, **options), Muon(singles, lr=0.1, **options)
+    for _ in range(steps):
         g = torch.randn(3, 8, 4)
+        g[2] *= big_expert
         stacked.grad = g.clone()
         for e in range(3):
             singles[e].grad = g[e].clone()
         opt_a.step()
         opt_b.step()
+    return stacked, singles, opt_a, opt_b
+
+
+def test_muon_on_stacked_experts_equals_muon_on_each_expert():
+    stacked, singles, _, _ = stacked_and_single_muon()
     for e in range(3):
         assert torch.allclose(stacked[e], singles[e], atol=1e-5)
 

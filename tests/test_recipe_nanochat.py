@@ -16,7 +16,7 @@ from nanochat.optim import (Muon, setup_optimizers, zeropower_via_newtonschulz5,
                             equilibrate_rows, renormalize, normuon_scale, ADAMW_GROUPS)
 from nanochat.train_step import optimizer_step, get_lr_multiplier, get_muon_momentum, get_muon_weight_decay
 from tests.test_base_train import TINY, MOE, run_train, read_metrics, of_type
-from tests.test_optim import idle_moe_model, force_idle, train_step as moe_step, expert_weights
+from tests.test_optim import idle_moe_model, force_idle, train_step as moe_step, expert_weights, stacked_and_single_muon
 
 ALL_ON = dict(coeffs="polar", row_equil=True, renorm=True, normuon=True, weight_decay=0.3, cautious_wd=True)
 
@@ -229,18 +229,7 @@ def test_default_setup_equals_todays_optimizers_bit_for_bit():
 # Experts: per expert matrix, and idle experts untouched with every piece on
 
 def test_stacked_experts_equal_each_expert_alone_with_every_piece_on():
-    torch.manual_seed(0)
-    stacked = torch.nn.Parameter(torch.randn(3, 8, 4))
-    singles = [torch.nn.Parameter(stacked[e].detach().clone()) for e in range(3)]
-    opt_a, opt_b = Muon([stacked], lr=0.1, **ALL_ON), Muon(singles, lr=0.1, **ALL_ON)
-    for _ in range(3):
-        g = torch.randn(3, 8, 4)
-        g[2] *= 100.0
-        stacked.grad = g.clone()
-        for e in range(3):
-            singles[e].grad = g[e].clone()
-        opt_a.step()
-        opt_b.step()
+    stacked, singles, opt_a, opt_b = stacked_and_single_muon(big_expert=100.0, **ALL_ON)
     for e in range(3):
         torch.testing.assert_close(stacked[e], singles[e], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(opt_a.state[stacked]["second_momentum_buffer"][e],
