@@ -120,6 +120,98 @@ def runs():
     return out
 
 
+# The nanochat study (issue 26): nanochat's architecture and recipe pieces, each alone and as a
+# set, against today's dense model at depth 4, width 64 (where backout and the short windows can
+# act: at depth 2 the final norm undoes backout), 2e13 FLOPs (43 tokens per non-embedding
+# parameter, 0.23 epochs). Rotary base, vocab padding and weight casting are GPU-speed or
+# long-context matters and are not ablated here.
+ABLATION_SHAPE = ["--depth", "4", "--n-embd", "64", "--eval-every", "-1"]
+PIECES = {  # name -> flags, each nanochat's value (MODEL_PRESETS / RECIPE_PRESETS["nanochat"])
+    "ve": ["--value-embeds"],
+    "lambdas": ["--layer-lambdas"],
+    "smear": ["--smear"],
+    "backout": ["--backout"],
+    "window": ["--window-pattern", "SSSL"],  # short = 128 of the 256-token rows on 3 of 4 layers
+    "qk": ["--qk-scale", "1.2"],
+    "init": ["--embedding-init-std", "0.8", "--fc-init-scale", "0.4"],
+    "adamw": ["--adamw-groups", "nanochat", "--embedding-lr", "0.3", "--unembedding-lr", "0.008"],  # its betas with its lrs
+    "polar": ["--muon-coeffs", "polar"],
+    "eqplus": ["--muon-eq", "--muon-plus"],  # nanochat's Muon does both
+    "normuon": ["--normuon"],
+    "wd": ["--muon-weight-decay", "0.28", "--cautious-wd", "--muon-wd-schedule", "cosine"],
+    "sched": ["--warmup-steps", "40", "--warmdown-ratio", "0.65", "--final-lr-frac", "0.05"],
+    "momentum": ["--muon-momentum-schedule", "nanochat"],
+}
+ABLATION_SEEDS = (42, 43, 44)
+
+
+def nanochat_runs(adopted=()):
+    """The ablation (every piece alone and the set, 3 seeds, paired with the baseline by seed),
+    then dense vs MoE with the adopted pieces: a frontier of 4 annealed budgets and the default
+    MoE at 1e13 and 2e13 (2 seeds), one shared expert, router lr 0.001."""
+    out = []
+    def add(prefix, flags, flops, seed):
+        out.append((f"{prefix}_{flops_tag(flops)}_seed{seed}", ABLATION_SHAPE + flags + ["--target-flops", f"{flops:g}", "--seed", str(seed)]))
+    for seed in ABLATION_SEEDS:
+        add("a_base", [], 2e13, seed)
+        for name, flags in PIECES.items():
+            add(f"a_{name}", flags, 2e13, seed)
+        add("a_set", [f for flags in PIECES.values() for f in flags], 2e13, seed)
+    new = [f for name in adopted for f in PIECES[name]]
+    moe = ["--use-moe", "--n-experts", "8", "--expert-topk", "2"] + AUXFREE
+    for flops in (5e12, 1e13, 2e13, 4e13):
+        add("n_dense", new, flops, 42)
+    for flops in (1e13, 2e13):
+        for seed in (42, 43):
+            add("n_moe8_af", new + moe, flops, seed)
+    add("n_dense", new, 1e13, 43)
+    add("n_dense", new, 2e13, 43)
+    add("n_moe8_af_shared1", new + moe + ["--n-shared-experts", "1"], 2e13, 42)  # routed width 4d/3 pays for it
+    add("n_moe8_af_routerlr0.001", new + moe + ["--router-lr", "0.001"], 2e13, 42)
+    return out
+
+
+def paired_gains(seeds=ABLATION_SEEDS):
+    """{piece or 'set': [(seed, base bpb, piece bpb)]} over the seeds where both runs finished."""
+    final = lambda tag: (records_of(tag)[1] or {}).get("final_val_bpb")
+    out = {}
+    for name in [*PIECES, "set"]:
+        pairs = [(seed, final(f"a_base_2e13_seed{seed}"), final(f"a_{name}_2e13_seed{seed}")) for seed in seeds]
+        out[name] = [p for p in pairs if p[1] is not None and p[2] is not None]
+    return out
+
+
+def adoption(gains):
+    """(mean gain, standard error, verdict) of paired gains base - piece (bpb; > 0 = better).
+    The rule: adopt when the mean exceeds 2 standard errors over 3 seeds. With 3 seeds a
+    piece that loses (gain <= 0) on one of them can never pass it (for gains (0, x, x) the mean
+    2x/3 equals 2 SE exactly; any gain below 0 makes the mean smaller than 2 SE), so a loss on
+    the first seed settles the verdict without the other two."""
+    n = len(gains)
+    mean = sum(gains) / n
+    se = (sum((g - mean) ** 2 for g in gains) / (n - 1)) ** 0.5 / n ** 0.5 if n > 1 else float("nan")
+    if min(gains) <= 0:
+        return mean, se, "no (lost on a seed)"
+    if n < 3:
+        return mean, se, "pending (fewer than 3 seeds)"
+    return mean, se, "adopt" if mean > 2 * se else "no (mean <= 2 SE)"
+
+
+def ablation_report():
+    lines = ["| piece | flags | seeds | base bpb per seed | piece bpb per seed | paired gain per seed | mean gain | SE | rule |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, pairs in paired_gains().items():
+        if not pairs:
+            continue
+        gains = [b - p for _, b, p in pairs]
+        mean, se, verdict = adoption(gains)
+        flags = "all of the above" if name == "set" else " ".join(PIECES[name])
+        lines.append(f"| {name} | `{flags}` | {', '.join(str(s) for s, _, _ in pairs)} | "
+                     f"{' / '.join(f'{b:.4f}' for _, b, _ in pairs)} | {' / '.join(f'{p:.4f}' for _, _, p in pairs)} | "
+                     f"{' / '.join(f'{g:+.4f}' for g in gains)} | {mean:+.4f} | {se:.4f} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def base_dir():
     return os.environ.get("NANOCHAT_BASE_DIR", "/work/tm")
 
@@ -149,12 +241,12 @@ def result_line(tag, flags, header, summary, moe):
                 wall_time=summary["wall_time"])
 
 
-def write_report():
+def write_report(todo=None):
     """The table of every finished run of the study, rebuilt from the run folders (so runs
     finished by an earlier or interrupted driver are in it too)."""
     lines = ["| run | FLOPs | tokens | tokens / non-emb param | epochs | final val bpb | tok/s | load CV (per layer) |",
              "|---|---|---|---|---|---|---|---|"]
-    for tag, flags in runs():
+    for tag, flags in todo or runs():
         header, summary, moe = records_of(tag)
         if summary is None:
             continue
@@ -175,8 +267,14 @@ def main():
     p.add_argument("--only", default="", help="comma-separated tags to run")
     p.add_argument("--list", action="store_true", help="print the runs and their commands")
     p.add_argument("--report", action="store_true", help="print the results table")
+    p.add_argument("--study", default="moe", choices=["moe", "nanochat"],
+                   help="moe: dense frontiers and MoE variants; nanochat: nanochat's pieces, then dense vs MoE again")
+    p.add_argument("--adopted", default="", help="--study nanochat: comma-separated pieces the dense-vs-MoE runs use")
     args = p.parse_args()
-    todo = runs()
+    adopted = [a for a in args.adopted.split(",") if a]
+    if set(adopted) - set(PIECES):
+        sys.exit(f"techmix_study: error: --adopted: unknown piece(s) {sorted(set(adopted) - set(PIECES))}")
+    todo = runs() if args.study == "moe" else nanochat_runs(adopted)
     if args.only:
         wanted = args.only.split(",")
         unknown = set(wanted) - {t for t, _ in todo}
@@ -188,7 +286,9 @@ def main():
             print(f"{tag}: {' '.join(command(tag, flags))}")
         return
     if args.report:
-        print(write_report(), end="")
+        print(write_report(todo), end="")
+        if args.study == "nanochat":
+            print("\n" + ablation_report(), end="")
         return
     if not os.path.exists(DATA):
         sys.exit(f"techmix_study: error: {DATA} not found (the study needs ../shared beside the checkout)")
@@ -219,7 +319,7 @@ def main():
             line = result_line(tag, flags, header, summary, moe)
             with open(os.path.join(base_dir(), "study", "results.jsonl"), "a") as f:
                 f.write(json.dumps(line) + "\n")
-            write_report()
+            write_report(todo)
             print(f"[{time.strftime('%H:%M:%S')}] done {tag}: val bpb {line['final_val_bpb']:.4f}, "
                   f"{line['tokens']:,} tokens, {line['epochs']:.2f} epochs, {line['tok_per_sec']:,.0f} tok/s, "
                   f"load CV {line['load_cv']}", flush=True)

@@ -107,32 +107,40 @@ def write_shard(docs, path, row_group_size=1024):
 # -----------------------------------------------------------------------------
 # Downloading FineWeb-Edu-style shards
 
-def _fetch_once(url, path, timeout):
-    """One attempt: stream url into path.tmp, check it is whole, rename it to path.
-    Raises on any failure; never leaves path.tmp behind."""
+def check_parquet(path):
+    """A parquet file ends with its footer, so a cut or garbled body fails to open here."""
+    with pq.ParquetFile(path):
+        pass
+
+
+def _fetch_once(url, path, timeout, check, bar=None):
+    """One attempt: stream url into path.tmp, check it is whole (the byte count, then
+    check(tmp_path)), rename it to path. Raises on any failure; never leaves path.tmp behind."""
     def download(tmp):
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
             expected = resp.headers.get("Content-Length")
+            if bar is not None:
+                bar.reset(total=int(expected) if expected else None)
             n = 0
             while chunk := resp.read(1 << 20):
                 f.write(chunk)
                 n += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
             # urllib returns a short body without complaint when the connection drops,
             # so the byte count is the only sign of truncation.
             if expected is not None and n != int(expected):
                 raise OSError(f"incomplete body: got {n} of {expected} bytes")
-        # A parquet file ends with its footer, so a cut or garbled body fails to open here.
-        with pq.ParquetFile(tmp):
-            pass
+        check(tmp)
     atomic_write(path, download)
 
 
-def _download_one(url, path, max_retries, timeout, backoff):
+def download_file(url, path, max_retries, timeout, backoff, check=check_parquet, bar=None):
     """Try 1 + max_retries times with exponential backoff. Returns None or the last error."""
     error = None
     for attempt in range(1 + max_retries):
         try:
-            _fetch_once(url, path, timeout)
+            _fetch_once(url, path, timeout, check, bar)
             return None
         except urllib.error.HTTPError as e:
             error = f"{e}"
@@ -140,7 +148,7 @@ def _download_one(url, path, max_retries, timeout, backoff):
             # 4xx (a wrong URL or index) will not fix itself; only timeouts and rate limits might.
             if 400 <= e.code < 500 and e.code not in (408, 429):
                 return error
-        except Exception as e:  # network errors, timeouts, truncation, bad parquet: all retried
+        except Exception as e:  # network errors, timeouts, truncation, a bad file: all retried
             error = f"{e}"
         if attempt < max_retries:
             time.sleep(backoff * 2 ** attempt)
@@ -164,7 +172,7 @@ def download_shards(base_url, indices, dest_dir, num_workers=4, max_retries=5, t
     if todo:
         with ThreadPoolExecutor(max(1, min(num_workers, len(todo)))) as pool, \
                 tqdm(total=len(todo), unit="shard", desc="download", disable=None) as bar:
-            futures = {pool.submit(_download_one, f"{base_url}/{shard_name(i)}", paths[i],
+            futures = {pool.submit(download_file, f"{base_url}/{shard_name(i)}", paths[i],
                                    max_retries, timeout, backoff): i for i in todo}
             for future in as_completed(futures):
                 if (error := future.result()) is not None:

@@ -120,6 +120,7 @@ def training_summary_rows(summary, model_tag, run_dir, init_flops, n_mod, recomp
             ("final val bpb", f"{s['final_val_bpb']:.4f}" + (" (MoD: causal threshold)" if n_mod else "")),
             *([("val bpb, top-k MoD routing (not causal)", f"{s['final_val_bpb_topk']:.4f}")] if n_mod else []),
             ("entropy floor", f"{s['entropy_floor']:.4f}" if s["entropy_floor"] is not None else "n/a"),
+            *([("CORE (last evaluation)", f"{s['core']:.4f}")] if s.get("core") is not None else []),
             ("tok/s (mean step)", f"{s['tok_per_sec']:,.0f}"), ("wall time", f"{s['wall_time']:.1f}s"),
             ("peak memory", f"{s['peak_memory_mb']:.0f} MiB"),
             ("optimizer state per rank" + (" (sharded)" if s["sharded_optimizer"] else ""),

@@ -13,6 +13,9 @@
 #                                                  # on one dense curve, which flatters the MoE)
 #   FRONTIER_MULTS="0.5 2" bash runs/tmp_moe.sh    # dense frontier budgets, in multiples of TARGET_FLOPS
 #   FP8=1 bash runs/tmp_moe.sh                     # FP8 linears and experts (torchao 0.18, compute capability 8.9+)
+#   CORE_MAX_PER_TASK=-1 bash runs/tmp_moe.sh      # CORE of every run at its end on all examples (default 500 per task)
+#   CORE_EVAL_DIR=path/to/eval bash runs/tmp_moe.sh  # CORE task files already here (default: the bundle, downloaded once)
+#   CORE=0 bash runs/tmp_moe.sh                    # no CORE evaluation
 #   WANDB_RUN=myrun bash runs/tmp_moe.sh           # log to wandb
 #   DRY_RUN=1 bash runs/tmp_moe.sh                 # print the commands only
 #   SETUP=0 PYTHON=/path/to/python bash runs/tmp_moe.sh   # use that interpreter as it is (no pip install)
@@ -45,6 +48,9 @@ read -ra TRAIN_EXTRA <<< "${TRAIN_FLAGS:-}"   # extra base_train flags for every
 FRONTIER="${FRONTIER:-1}"
 read -ra FRONTIER_MULTS <<< "${FRONTIER_MULTS:-2}"
 FP8="${FP8:-0}"
+CORE="${CORE:-1}"
+CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:-500}"
+CORE_EVAL_DIR="${CORE_EVAL_DIR:-}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 TAG="${TAG:-tmp}"                   # runs are <TAG>_dense_d<DEPTH>, <TAG>_moe_d<DEPTH>, <TAG>_dense_d<DEPTH>_<M>x
 
@@ -77,6 +83,17 @@ COMMON=("${DATA_FLAGS[@]}" --depth "$DEPTH" --head-dim "$HEAD_DIM" --max-seq-len
 if [ -n "$WIDTH" ]; then COMMON+=(--n-embd "$WIDTH"); fi
 if [ -n "$EVAL_TOKENS" ]; then COMMON+=(--eval-tokens "$EVAL_TOKENS"); fi
 if [ "$FP8" = "1" ]; then COMMON+=(--fp8); fi
+if [ "$CORE" = "1" ]; then
+    # CORE at the end of every run: the task files are fetched and checked here, in one process;
+    # without them (offline, no CORE_EVAL_DIR) the runs go on without CORE
+    EVAL_DIR_FLAG=(); if [ -n "$CORE_EVAL_DIR" ]; then EVAL_DIR_FLAG=(--eval-dir "$CORE_EVAL_DIR"); fi
+    if run "$PY" -m scripts.base_eval --prepare --max-per-task "$CORE_MAX_PER_TASK" ${EVAL_DIR_FLAG[@]+"${EVAL_DIR_FLAG[@]}"}; then
+        COMMON+=(--core-every -1 --core-max-per-task "$CORE_MAX_PER_TASK")
+        if [ -n "$CORE_EVAL_DIR" ]; then COMMON+=(--core-eval-dir "$CORE_EVAL_DIR"); fi
+    else
+        echo "tmp_moe: CORE skipped: no task files (the line above says why); set CORE_EVAL_DIR, or CORE=0 to silence this"
+    fi
+fi
 COMMON+=(${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"})
 wandb_name() { if [ "$WANDB_RUN" = "dummy" ]; then echo dummy; else echo "${WANDB_RUN}$1"; fi; }
 

@@ -34,6 +34,7 @@ from nanochat.report import (MetricsLog, peak_memory_mb, finite_or_none, format_
                              describe_params, hardware_info)
 from nanochat.train_step import add_optimizer_args, RECIPE_PRESETS
 from scripts.prepare_data import add_data_args, validate_data_args, prepare_data
+from scripts.base_eval import add_core_args, validate_core_args, prepare_core, core_due, run_core
 
 def build_parser():
     p = ArgumentParser(prog="base_train", description="Pretrain a dense or MoE GPT.")
@@ -53,6 +54,7 @@ def build_parser():
     p.add_argument("--eval-every", type=int, default=250, help="steps between val bpb evaluations (-1 = only at the end)")
     p.add_argument("--eval-tokens", type=int, default=10 * 524288, help="validation tokens per evaluation")
     p.add_argument("--sample-every", type=int, default=2000, help="steps between greedy samples (-1 = never)")
+    add_core_args(p)  # --core-every, --core-max-per-task, --core-eval-dir (scripts/base_eval.py)
     p.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = only at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N step checkpoints (0 = all); best/ is always kept")
     p.add_argument("--resume-from-step", default="", help="resume this run from a saved step (or 'latest')")
@@ -152,6 +154,7 @@ def validate_args(args, config, world_size):
     require(args.num_iterations > 0 or args.target_flops > 0 or args.target_param_data_ratio > 0,
             "set one of --num-iterations, --target-flops, --target-param-data-ratio")
     require(args.eval_every != 0, "--eval-every must be a number of steps, or -1 for an evaluation at the end only")
+    validate_core_args(args)
     require(args.eval_tokens >= seq_len, f"--eval-tokens {args.eval_tokens} is less than one row of --max-seq-len {seq_len}")
     require(0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1 and args.warmup_ratio + args.warmdown_ratio <= 1,
             "--warmup-ratio and --warmdown-ratio must be in [0, 1] and sum to at most 1")
@@ -259,6 +262,7 @@ class RunState:
     min_val_bpb: float = float("inf")
     smooth_loss: float = 0.0      # EMA of the printed training loss (continued on resume)
     loader_state: dict = None     # loader position after the last batch trained on
+    core: float = None            # the last CORE score (--core-every)
     step_times: list = field(default_factory=list)
 
 
@@ -315,6 +319,7 @@ def train(args, config, device_type, device, ddp, rank, world_size, init=None):
     shards = list_shards(data_dir)
     train_shards, val_shards = split_shards(shards, "train"), split_shards(shards, "val")
     entropy_floor = read_entropy_floor(data_dir)
+    core = prepare_core(args, rank, ddp)  # the CORE task files, checked before any training
 
     if not init:
         config = dataclasses.replace(config, vocab_size=tokenizer.get_vocab_size())
@@ -472,6 +477,10 @@ def train(args, config, device_type, device, ddp, rank, world_size, init=None):
                 state.min_val_bpb = state.val_bpb
                 save(state, name="best")
             state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
+        if core_due(args, step, last):
+            record = run_core(model, tokenizer, core, device, autocast, ep > 1, master, step, state.flops, args.core_max_per_task)
+            metrics.write(record)
+            state.core = record["core"]
         # (under expert parallelism one rank cannot run the model alone: no samples)
         if args.sample_every > 0 and master and ep == 1 and (step % args.sample_every == 0 or last) and step > 0:
             print_samples(model, tokenizer, sample_prompts, autocast)
@@ -550,7 +559,7 @@ def train(args, config, device_type, device, ddp, rank, world_size, init=None):
     optim_mib = optimizer_state_mib_per_rank(optimizers, world_size, device)
     summary = dict(type="summary", step=state.step, flops=state.flops, tokens=state.step * tokens_per_step,
                    final_val_bpb=state.val_bpb, final_val_bpb_topk=finite_or_none(state.val_bpb_topk),
-                   min_val_bpb=state.min_val_bpb, entropy_floor=entropy_floor,
+                   min_val_bpb=state.min_val_bpb, entropy_floor=entropy_floor, core=state.core,
                    total=params["total"], active_total=params["active_total"], flops_per_token=flops_per_token,
                    tok_per_sec=avg_tok_s, wall_time=wall, hardware=hardware, peak_memory_mb=peak_memory_mb(device_type),
                    optimizer_state_mib_per_rank=optim_mib, sharded_optimizer=sharded, epochs=round(epochs, 4))

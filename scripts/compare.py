@@ -53,6 +53,7 @@ class Run(NamedTuple):
     mfu: float       # mean MFU of the train records, or None
     clock: list      # [(training seconds, val bpb)] at the run's evals, or None (see step_clock)
     hardware: object  # dict(device, world_size, threads); None: not recorded; a str: it changed on resume
+    core: dict = None  # the last "core" record (scripts/base_eval.py, base_train --core-every), or None
 
 
 def load_run(run):
@@ -78,7 +79,16 @@ def load_run(run):
     hardware = header.get("hardware")
     if hardware is not None and summary.get("hardware", hardware) != hardware:
         hardware = "changed on resume"  # equals no other run's: its seconds compare with nothing
-    return Run(os.path.basename(os.path.normpath(folder)), header, evals, summary, mfu, clock, hardware)
+    core = next((r for r in reversed(records) if r.get("type") == "core"), None)
+    return Run(os.path.basename(os.path.normpath(folder)), header, evals, summary, mfu, clock, hardware, core)
+
+
+def format_core(core):
+    """'0.0123 ± 0.0050' (standard error), with the task count when not all 22 were scored."""
+    if core is None:
+        return "n/a"
+    partial = f" ({core['n_tasks']}/22, partial)" if core.get("partial") else ""
+    return f"{core['core']:.4f} ± {core['core_se']:.4f}{partial}"
 
 
 def step_seconds(trains):
@@ -234,7 +244,7 @@ def build_rows(runs, baseline_idx, frontier_idx=()):
     finals = [r.summary["final_val_bpb"] for r in runs]
     reference_repeats = any(repeats_data(runs[i].summary) for i in (frontier_idx or [baseline_idx]))
     rows = []
-    for i, (name, header, evals, s, mfu, clock, _) in enumerate(runs):
+    for i, (name, header, evals, s, mfu, clock, _, core) in enumerate(runs):
         floor = s.get("entropy_floor")
         at_common = bpb_at(evals, common)
         repeated = REPEATED if reference_repeats or repeats_data(s) else ""
@@ -250,19 +260,23 @@ def build_rows(runs, baseline_idx, frontier_idx=()):
                          tok_s=f"{s['tok_per_sec']:,.0f}", mfu=f"{mfu:.1f}%" if mfu is not None else "n/a",
                          memory=f"{s.get('peak_memory_mb', float('nan')):,.0f} MiB",
                          floor=f"{floor:.4f}" if floor is not None else "n/a", multiplier=mult,
-                         train_s=f"{clock[-1][0]:,.2f}" if clock else "n/a", time_multiplier=time_mult))
+                         train_s=f"{clock[-1][0]:,.2f}" if clock else "n/a", time_multiplier=time_mult,
+                         core=format_core(core)))
     return rows, common
 
 
 COLUMNS = [("run", "run"), ("total", "params total"), ("active", "params active"), ("flops_per_token", "FLOPs/token"),
            ("tokens", "tokens"), ("flops", "FLOPs"), ("epochs", "epochs"), ("final", "final val bpb"), ("at_common", "val bpb @ common FLOPs"),
            ("tok_s", "tok/s"), ("mfu", "MFU"), ("memory", "peak mem"), ("floor", "entropy floor"),
-           ("multiplier", "compute multiplier"), ("train_s", "step seconds"), ("time_multiplier", "time multiplier (step time)")]
+           ("multiplier", "compute multiplier"), ("train_s", "step seconds"), ("time_multiplier", "time multiplier (step time)"),
+           ("core", "CORE")]
 
 
 def markdown_table(rows):
-    cells = [[title for _, title in COLUMNS]] + [[r[key] for key, _ in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    # the CORE column only when some run has been evaluated
+    columns = [c for c in COLUMNS if c[0] != "core" or any(r["core"] != "n/a" for r in rows)]
+    cells = [[title for _, title in columns]] + [[r[key] for key, _ in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
@@ -293,6 +307,14 @@ def table_notes(rows, frontier_idx, runs=None):
                      "hardware (device, processes, threads).")
     if runs and any(r["time_multiplier"] == "n/a (hardware differs)" for r in rows):
         notes.append("Hardware: " + "; ".join(f"{r.name}: {describe_hardware(r.hardware)}" for r in runs) + ".")
+    cores = [r.core for r in runs or [] if r.core]
+    if cores:
+        settings = {(c["n_tasks"], tuple(c.get("missing", [])), c.get("max_per_task")) for c in cores}
+        note = ("CORE: the mean centred accuracy over DCLM's 22 tasks, ± its standard error (scripts.base_eval); "
+                "partial = some task files were missing.")
+        if len(settings) > 1:
+            note += " These runs were scored on different task sets or --max-per-task: their CORE values do not compare."
+        notes.append(note)
     return notes
 
 

@@ -59,7 +59,23 @@ def test_runcpu_moe_flags_reach_only_the_moe_run():
 
 
 def tmp_moe_dry_run(**env):
-    return [shlex.split(line) for line in dry_run("runs/tmp_moe.sh", **env)]
+    """The printed commands, less the CORE preparation (test_tmp_moe_core_at_the_end_of_every_run)."""
+    return [c for c in (shlex.split(line) for line in dry_run("runs/tmp_moe.sh", **env)) if "scripts.base_eval" not in c]
+
+
+def test_tmp_moe_core_at_the_end_of_every_run():
+    cmds = [shlex.split(line) for line in dry_run("runs/tmp_moe.sh")]
+    prepare_core = cmds[1]
+    assert prepare_core[1:] == ["-m", "scripts.base_eval", "--prepare", "--max-per-task", "500"]  # before any torchrun
+    trains = [c for c in cmds if "scripts.base_train" in c]
+    assert len(trains) == 3 and all(flag(c, "--core-every") == "-1" and flag(c, "--core-max-per-task") == "500"
+                                    for c in trains)
+    cmds = [shlex.split(line) for line in dry_run("runs/tmp_moe.sh", CORE_EVAL_DIR="/data/eval", CORE_MAX_PER_TASK="-1")]
+    assert cmds[1][-2:] == ["--eval-dir", "/data/eval"]
+    assert all(flag(c, "--core-eval-dir") == "/data/eval" and flag(c, "--core-max-per-task") == "-1"
+               for c in cmds if "scripts.base_train" in c)
+    cmds = [shlex.split(line) for line in dry_run("runs/tmp_moe.sh", CORE="0")]
+    assert not any("scripts.base_eval" in c or "--core-every" in c for c in cmds)
 
 
 def flag(cmd, name):
@@ -112,7 +128,8 @@ def test_tmp_moe_knobs(tmp_path):
 # The CPU smoke of tests/test_recipes.py::test_tmp_moe_cpu_smoke: depth 2, width 64, 2 processes (gloo)
 TMP_MOE_SMOKE = dict(DEVICE="cpu", NPROC="2", SETUP="0", DATA="synthetic", SYNTHETIC_DOCS="1000", DEPTH="2", WIDTH="64",
                      HEAD_DIM="32", SEQ_LEN="64", BATCH="4", TOTAL_BATCH="512", VOCAB="512", TARGET_FLOPS="5e9",
-                     EVAL_EVERY="5", EVAL_TOKENS="1024", N_EXPERTS="4", TRAIN_FLAGS="--sample-every -1")
+                     EVAL_EVERY="5", EVAL_TOKENS="1024", N_EXPERTS="4", TRAIN_FLAGS="--sample-every -1",
+                     CORE_EVAL_DIR="tests/fixtures/core", CORE_MAX_PER_TASK="12")
 
 
 @pytest.mark.parametrize("env", [
@@ -188,10 +205,16 @@ def test_tmp_moe_cpu_smoke(tmp_path):
         assert all(r["dt"] > 0 for r in records if r["type"] == "train")
         flops[tag] = summary["flops"]
     assert flops["tmp_dense_d2_2x"] == pytest.approx(2 * flops["tmp_dense_d2"], rel=0.1)
-    table = [line for line in out.splitlines() if line.startswith("| ")]
-    assert "time multiplier (step time)" in table[0]
-    moe_row = next(line for line in table if line.startswith("| tmp_moe_d2 "))
-    assert re.search(r"\| (<= |> )?\d+\.\d\d(†)? +\|$", moe_row), moe_row  # a number: same hardware
+    table = [[c.strip() for c in line.strip("| ").split("|")] for line in out.splitlines() if line.startswith("| ")]
+    moe_row = next(row for row in table if row[0] == "tmp_moe_d2")
+    time_mult = moe_row[table[0].index("time multiplier (step time)")]
+    assert re.fullmatch(r"(<= |> )?\d+\.\d\d(†)?", time_mult), time_mult  # a number: same hardware
+    # CORE at the end of every run (the fixture's 5 tasks), in the table
+    for tag in ("tmp_dense_d2", "tmp_moe_d2", "tmp_dense_d2_2x"):
+        core = [json.loads(line) for line in (base / "runs" / tag / "metrics.jsonl").read_text().splitlines()
+                if '"type": "core"' in line]
+        assert len(core) == 1 and core[0]["n_tasks"] == 5 and core[0]["max_per_task"] == 12
+    assert re.fullmatch(r"-?\d\.\d{4} ± \d\.\d{4} \(5/22, partial\)", moe_row[table[0].index("CORE")])
     assert (base / "comparisons" / "tmp_d2" / "comparison.md").exists()
 
 
@@ -283,3 +306,16 @@ def test_gpu_check_records_a_timed_out_stage_and_exits_non_zero(tmp_path):
     bench = json.loads((tmp_path / "bench_moe.json").read_text())
     assert bench["status"] == "timeout" and bench["exit_code"] is None and "TOTAL_LIMIT" in bench["reason"]
     assert json.loads((tmp_path / "summary.json").read_text())["failed"] == ["bench_moe"]
+
+
+@pytest.mark.slow
+def test_tmp_moe_without_task_files_skips_core_in_one_line(tmp_path):
+    """Offline with no task files: one line says CORE is skipped, and the runs go on without it."""
+    base = tmp_path / "base"
+    env = train_env(base, dict(TMP_MOE_SMOKE, PYTHON=sys.executable, CORE_EVAL_DIR=str(tmp_path / "none"), FRONTIER="0",
+                               TARGET_FLOPS="2e9"))
+    r = subprocess.run(["bash", "runs/tmp_moe.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert f"--eval-dir {tmp_path / 'none'}: no such folder" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout.count("tmp_moe: CORE skipped") == 1 and "--core-every" not in r.stdout
+    assert not any('"type": "core"' in (base / "runs" / t / "metrics.jsonl").read_text() for t in ("tmp_dense_d2", "tmp_moe_d2"))
