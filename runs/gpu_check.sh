@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU check, one prepared script (<= ~6 minutes on an H100/H200, no network): named stages,
+# One-GPU check, one prepared script (at most TOTAL_LIMIT = 480 s by default, no network): named stages,
 # each under `timeout`, each writing $OUT/<stage>.json (name, command, exit code, seconds, the
 # bench's final JSON line) the moment it ends, so a run cut short still leaves what it measured.
 # A failed or timed-out stage is recorded and the next one runs; $OUT/summary.json lists them all

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU quickstart (no GPU, no internet): train a dense GPT and an iso-FLOPs MoE on the same
 # data with the same FLOPs budget, plus the dense model at 1.5x that budget (the frontier the
-# compute multiplier is read from), then print them side by side. ~10 minutes on 2 cores.
+# compute multiplier is read from), then print them side by side. Its time on our 2-core box: README, "The quickstart".
 #
 #   bash runs/runcpu.sh                         # built-in synthetic corpus (exact entropy floor)
 #   DATA=path/to/texts bash runs/runcpu.sh      # your own .txt/.jsonl/.parquet files or shard folder
