@@ -145,10 +145,21 @@ PIECES = {  # name -> flags, each nanochat's value (MODEL_PRESETS / RECIPE_PRESE
 ABLATION_SEEDS = (42, 43, 44)
 
 
+def frontier_2e13_tag(adopted):
+    """The ablation run (seed 42) that is the dense model with exactly the adopted pieces, if any."""
+    adopted = sorted(adopted)
+    if not adopted:
+        return "a_base_2e13_seed42"
+    if adopted == sorted(PIECES):
+        return "a_set_2e13_seed42"
+    if len(adopted) == 1:
+        return f"a_{adopted[0]}_2e13_seed42"
+    return None
+
+
 def nanochat_runs(adopted=()):
     """The ablation (every piece alone and the set, 3 seeds, paired with the baseline by seed),
-    then dense vs MoE with the adopted pieces: a frontier of 4 annealed budgets and the default
-    MoE at 1e13 and 2e13 (2 seeds), one shared expert, router lr 0.001."""
+    then dense vs MoE with the adopted pieces (see below)."""
     out = []
     def add(prefix, flags, flops, seed):
         out.append((f"{prefix}_{flops_tag(flops)}_seed{seed}", ABLATION_SHAPE + flags + ["--target-flops", f"{flops:g}", "--seed", str(seed)]))
@@ -157,17 +168,22 @@ def nanochat_runs(adopted=()):
         for name, flags in PIECES.items():
             add(f"a_{name}", flags, 2e13, seed)
         add("a_set", [f for flags in PIECES.values() for f in flags], 2e13, seed)
+    # dense vs MoE with the adopted pieces: the MoE at 5e12 and 1e13 (11 and 21 tokens per
+    # non-embedding parameter), 2 seeds; a dense frontier of 3 annealed budgets around them (its
+    # 2e13 point is the ablation's run when the adopted pieces are one piece or the set); one
+    # shared expert (routed width 4d/3 pays for it) and router lr 0.001 at 1e13
     new = [f for name in adopted for f in PIECES[name]]
     moe = ["--use-moe", "--n-experts", "8", "--expert-topk", "2"] + AUXFREE
-    for flops in (5e12, 1e13, 2e13, 4e13):
+    for flops in (5e12, 1e13):
         add("n_dense", new, flops, 42)
-    for flops in (1e13, 2e13):
+    if frontier_2e13_tag(adopted) is None:
+        add("n_dense", new, 2e13, 42)
+    for flops in (5e12, 1e13):
         for seed in (42, 43):
             add("n_moe8_af", new + moe, flops, seed)
     add("n_dense", new, 1e13, 43)
-    add("n_dense", new, 2e13, 43)
-    add("n_moe8_af_shared1", new + moe + ["--n-shared-experts", "1"], 2e13, 42)  # routed width 4d/3 pays for it
-    add("n_moe8_af_routerlr0.001", new + moe + ["--router-lr", "0.001"], 2e13, 42)
+    add("n_moe8_af_shared1", new + moe + ["--n-shared-experts", "1"], 1e13, 42)
+    add("n_moe8_af_routerlr0.001", new + moe + ["--router-lr", "0.001"], 1e13, 42)
     return out
 
 
@@ -301,6 +317,8 @@ def main():
     while pending or running:
         while pending and len(running) < args.jobs:
             tag, flags = pending.pop(0)
+            if records_of(tag)[1] is not None:  # finished meanwhile (by another driver)
+                continue
             cmd = command(tag, flags)
             print(f"[{time.strftime('%H:%M:%S')}] start {tag}: {' '.join(cmd[1:])}", flush=True)
             log = open(os.path.join(logs, f"{tag}.log"), "a")
