@@ -57,9 +57,12 @@ def short_window(sequence_len):
 
 def layer_windows(config):
     """Per layer: None (full causal attention) or W (the query at i sees keys i-W..i).
-    The pattern tiles over the layers; the last layer is always full."""
+    The pattern tiles over the layers; the last layer is always full, and so are the layers
+    where a window has no clear meaning: Mamba layers (no attention) and Mixture-of-Depths
+    routed blocks (their attention sees only the routed tokens)."""
     pattern = config.window_pattern.upper()
-    windows = [short_window(config.sequence_len) if pattern[i % len(pattern)] == "S" else None
+    windows = [short_window(config.sequence_len)
+               if pattern[i % len(pattern)] == "S" and not config.is_mamba_layer(i) and not config.is_mod_layer(i) else None
                for i in range(config.n_layer)]
     windows[-1] = None
     return windows

@@ -356,7 +356,7 @@ def load_model(ckpt_path, device):
     from nanochat.tokenizer import get_tokenizer
     ckpt_dir, name = os.path.split(os.path.normpath(ckpt_path))
     with open(os.path.join(ckpt_path, "meta.json")) as f:
-        config = GPTConfig(**json.load(f)["config"])
+        config = GPTConfig.from_saved(json.load(f)["config"])
     model = build_model(config, device)
     meta = load_checkpoint(ckpt_dir, name, model, None, 0, device)
     model.eval()

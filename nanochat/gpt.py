@@ -29,6 +29,12 @@ from nanochat.mod import (MoDRouter, mod_tokens, topk_positions, gather_position
 SMEAR_GATE_CHANNELS = 24  # the smear gate reads the first 24 channels of the token's embedding
 
 
+# The value each architecture field had before it existed, for configs saved without it.
+SAVED_WITHOUT = dict(value_embeds=False, layer_lambdas=False, smear=False, backout=False, window_pattern="L",
+                     rotary_base=10000.0, qk_scale=1.0, vocab_pad=1, embedding_init_std=1.0, fc_init_scale=1.0,
+                     cast_weights=False)
+
+
 @dataclass
 class GPTConfig:
     sequence_len: int = 1024
@@ -89,12 +95,14 @@ class GPTConfig:
     mamba_chunk: int = 64
     mamba_d_conv: int = 4
     # nanochat's model as of 2026 (MODEL_PRESETS["nanochat"] in nanochat/model_args.py turns
-    # them all on). Each is off by default, and off is the model above bit for bit.
+    # them all on). Off is the model above bit for bit; the defaults are the pieces the nanochat
+    # study in dev/LOG.md (2026-12-06) adopted by its rule (paired gain > 2 standard errors over
+    # 3 seeds on techmix); a config saved without a field loads with SAVED_WITHOUT's value.
     # value_embeds: ResFormer value residual (Zhou et al. 2024; modded-nanogpt): an extra
     # (padded_vocab, n_kv_head * head_dim) embedding per layer on alternating layers ending at
     # the last one, added to v through a per-kv-head gate 3 * sigmoid(W x[..., :12]).
     # Attention layers only: a Mamba layer that the rule picks gets none. MTP heads get none.
-    value_embeds: bool = False
+    value_embeds: bool = True
     # layer_lambdas: modded-nanogpt's per-layer scalars, before block i:
     # x = resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0 = the normed, smeared embedding).
     layer_lambdas: bool = False
@@ -106,9 +114,9 @@ class GPTConfig:
     backout: bool = False
     # Sliding-window attention per layer, tiled: L = full, S = short window (nanochat/attention.py:
     # 128 * ceil(sequence_len / 512) and the W vs W+1 convention); the last layer always L.
-    window_pattern: str = "L"
+    window_pattern: str = "SSSL"
     rotary_base: float = 10000.0
-    qk_scale: float = 1.0         # q and k multiplied by this after QK-norm (nanochat 1.2)
+    qk_scale: float = 1.2         # q and k multiplied by this after QK-norm (nanochat 1.2)
     vocab_pad: int = 1            # wte, lm_head, value embeddings padded to a multiple (nanochat 64)
     embedding_init_std: float = 1.0
     fc_init_scale: float = 1.0    # the first MLP matrix's (and experts') uniform bound x this (nanochat 0.4)
@@ -119,6 +127,12 @@ class GPTConfig:
 
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_saved(cls, saved):
+        """The config a checkpoint's dict describes; a field it lacks (it was saved before the
+        field existed) takes the value the model had then, not today's default."""
+        return cls(**{**SAVED_WITHOUT, **saved})
 
     def is_moe_layer(self, layer_idx):
         # moe_freq=2 -> layers 1, 3, 5, ... are MoE (every other FFN, as in GShard/Switch).

@@ -9,6 +9,7 @@ GPTConfig's shape. With base_train --init-from, config_from_args starts from the
 config and applies only the flags the user gave (the caller reads the checkpoint).
 """
 
+import argparse
 import dataclasses
 
 from nanochat.common import UserError, require
@@ -86,10 +87,10 @@ def add_model_args(p, planner=False):
     p.add_argument("--mamba-d-conv", type=int, default=D.mamba_d_conv, help="width of Mamba-2's causal depthwise conv")
     # nanochat's architecture pieces (MODEL_PRESETS["nanochat"] turns them all on)
     flag = lambda name, **kw: p.add_argument("--" + name.replace("_", "-"), default=getattr(D, name), **kw)
-    flag("value_embeds", action="store_true", help="ResFormer value embeddings on alternating layers (the last always)")
-    flag("layer_lambdas", action="store_true", help="learnable per-layer residual and x0 scalars before each block")
-    flag("smear", action="store_true", help="mix the previous token's embedding into each token through a small gate")
-    flag("backout", action="store_true", help="subtract a learnable 0.2x of the middle layer's residual before the final norm")
+    flag("value_embeds", action=argparse.BooleanOptionalAction, help="ResFormer value embeddings on alternating layers (the last always)")
+    flag("layer_lambdas", action=argparse.BooleanOptionalAction, help="learnable per-layer residual and x0 scalars before each block")
+    flag("smear", action=argparse.BooleanOptionalAction, help="mix the previous token's embedding into each token through a small gate")
+    flag("backout", action=argparse.BooleanOptionalAction, help="subtract a learnable 0.2x of the middle layer's residual before the final norm")
     flag("window_pattern", help="sliding-window attention per layer, tiled: L = full, S = a quarter of --max-seq-len "
                                 "rounded up to 128 (e.g. SSSL; the last layer is always L)")
     flag("rotary_base", type=float, help=f"rotary embedding base (default {D.rotary_base:g}; nanochat 100000)")
@@ -98,7 +99,7 @@ def add_model_args(p, planner=False):
     flag("embedding_init_std", type=float, help=f"std of the token embedding init (default {D.embedding_init_std:g}; nanochat 0.8)")
     flag("fc_init_scale", type=float,
          help=f"the first MLP (and expert) matrix's init bound x this (default {D.fc_init_scale:g}; nanochat 0.4)")
-    flag("cast_weights", action="store_true", help="linears cast their weights to the activation dtype (bf16 on CUDA) "
+    flag("cast_weights", action=argparse.BooleanOptionalAction, help="linears cast their weights to the activation dtype (bf16 on CUDA) "
                                                    "instead of autocast")
     if not planner:
         p.add_argument("--use-moe", action="store_true", help="replace MLPs with a token-choice top-k MoE")
@@ -225,15 +226,7 @@ def _validate_nanochat_args(args, depth, seq):
     require(pattern != "" and set(pattern.upper()) <= {"S", "L"},
             f"--window-pattern must be letters S (short window) and L (full context), got {pattern!r}")
     layers = get("layer_pattern") or "A"
-    mod_capacity, mod_freq = get("mod_capacity"), get("mod_freq")
-    for i in range(depth - 1):  # the last layer is always L
-        if pattern.upper()[i % len(pattern)] != "S":
-            continue
-        require(layers[i % len(layers)] != "M", f"--window-pattern {pattern!r} puts a short window on layer {i}, a Mamba "
-                                                f"layer (--layer-pattern {layers!r}): a Mamba layer has no attention window")
-        require(not (mod_capacity and (i + 1) % mod_freq == 0),
-                f"--window-pattern {pattern!r} puts a short window on layer {i}, a Mixture-of-Depths routed block "
-                f"(--mod-capacity): routed blocks attend with full context")
+    # (short windows apply to attention layers that are not MoD-routed: attention.layer_windows)
     require(not (get("cast_weights") and "M" in {layers[i % len(layers)] for i in range(depth)}),
             "--cast-weights with Mamba layers (--layer-pattern) is not supported: Mamba-2's conv and scan keep fp32 "
             "weights and need autocast")

@@ -74,7 +74,10 @@ fi
 COMMON=(--device-type "$DEVICE" --device-batch-size "$BATCH_ROWS" --total-batch-size $((BATCH_ROWS * SEQ_LEN * NPROC * 2))
         --eval-every 50 --eval-tokens 65536 --sample-every 1000000 --log-every 25 --moe-stats-every 50
         ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
-PHASE1=(--data "$DATA" --vocab-size 2048 --depth 2 --n-embd 64 --head-dim 32 --max-seq-len "$SEQ_LEN")
+# without value embeddings and short windows: phase 3 adds layers, and which layers carry those
+# depends on the depth (a grown model would not compute its source's function)
+PHASE1=(--data "$DATA" --vocab-size 2048 --depth 2 --n-embd 64 --head-dim 32 --max-seq-len "$SEQ_LEN"
+        --no-value-embeds --window-pattern L)
 if [ "$DATA" = "synthetic" ]; then
     # ~110 tokens a document: the three phases (4.1M tokens) and the control (5.2M more after
     # phase 2, which ended at 3.1M) stay under one epoch

@@ -122,7 +122,7 @@ def resolve_config(args, given, init_meta=None):
     --data defaults to the checkpoint's (the run continues its data stream)."""
     if init_meta is None:
         return config_from_args(args, vocab_size=args.vocab_size)
-    config = config_from_args(args, None, base=GPTConfig(**init_meta["config"]), given=given)
+    config = config_from_args(args, None, base=GPTConfig.from_saved(init_meta["config"]), given=given)
     data = init_meta.get("args", {}).get("data")
     same = lambda a, b: a == b or (os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b))
     require("data" not in given or data is None or same(args.data, data),

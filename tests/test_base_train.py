@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.plain import PLAIN, PLAIN_FLAGS
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A tiny model: width 128 (depth 2 x aspect 64), 2 heads of 64, vocab 1024, 512 tokens/step
@@ -151,7 +153,7 @@ def expected_counts(moe):
 def test_tiny_model_learns_and_metrics_are_consistent(base_dir, kind):
     tag = f"learn_{kind}"
     steps = 30
-    p = run_train(base_dir, TINY + (MOE if kind == "moe" else []) +
+    p = run_train(base_dir, TINY + PLAIN_FLAGS + (MOE if kind == "moe" else []) +
                   ["--num-iterations", str(steps), "--eval-every", "10", "--model-tag", tag])
     assert "Total Parameters" in p.stdout
     records = read_metrics(base_dir, tag)
@@ -456,8 +458,8 @@ def test_two_process_resume_restores_each_ranks_loader(base_dir):
 
 def test_mtp_heads_train_and_log_per_head(base_dir):
     tag = "mtp_heads"
-    run_train(base_dir, TINY + MOE + ["--mtp-heads", "2", "--mtp-weight", "0.5", "--num-iterations", "6",
-                                      "--eval-every", "3", "--model-tag", tag])
+    run_train(base_dir, TINY + PLAIN_FLAGS + MOE + ["--mtp-heads", "2", "--mtp-weight", "0.5", "--num-iterations", "6",
+                                                    "--eval-every", "3", "--model-tag", tag])
     records = read_metrics(base_dir, tag)
     header, trains = records[0], of_type(records, "train")
     assert header["config"]["mtp_heads"] == 2 and header["params"]["mtp"] == 2 * 12 * D * D
@@ -474,8 +476,8 @@ def test_mtp_heads_train_and_log_per_head(base_dir):
 
 def test_mod_trains_logs_per_block_and_evaluates_both_rules(base_dir):
     tag = "mod"
-    run_train(base_dir, TINY + MOE + ["--mod-capacity", "0.25", "--num-iterations", "8", "--eval-every", "4",
-                                      "--sample-every", "8", "--model-tag", tag])
+    run_train(base_dir, TINY + PLAIN_FLAGS + MOE + ["--mod-capacity", "0.25", "--num-iterations", "8",
+                                                    "--eval-every", "4", "--sample-every", "8", "--model-tag", tag])
     records = read_metrics(base_dir, tag)
     header, trains, evals = records[0], of_type(records, "train"), of_type(records, "eval")
     assert header["config"]["mod_capacity"] == 0.25 and header["params"]["mod"] == D
@@ -491,14 +493,15 @@ def test_mod_trains_logs_per_block_and_evaluates_both_rules(base_dir):
     assert all(0.1 < r["mod_frac"][0] < 0.5 and r["mod_agree"][0] > 0.8 for r in trains[1:])
     assert "val_bpb_topk" in evals[-1] and all("val_bpb_topk" not in e for e in evals[:-1])
     assert math.isfinite(evals[-1]["val_bpb"]) and math.isfinite(evals[-1]["val_bpb_topk"])
-    p = run_train(base_dir, TINY + ["--mod-capacity", "1.5", "--num-iterations", "1", "--model-tag", "x"], check=False)
+    p = run_train(base_dir, TINY + PLAIN_FLAGS + ["--mod-capacity", "1.5", "--num-iterations", "1", "--model-tag", "x"],
+                  check=False)
     assert p.returncode == 2 and "--mod-capacity must be in [0, 1]" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_hybrid_moe_trains_and_resumes_exactly(base_dir):
     tag = "hybrid"
     hybrid = ["--layer-pattern", "AM", "--mamba-d-state", "16", "--mamba-head-dim", "64", "--mamba-chunk", "16"]
-    common = TINY + MOE + hybrid + ["--num-iterations", "4", "--eval-every", "-1", "--save-every", "2"]
+    common = TINY + PLAIN_FLAGS + MOE + hybrid + ["--num-iterations", "4", "--eval-every", "-1", "--save-every", "2"]
     args = common + ["--model-tag", tag]
     p = run_train(base_dir, args)
     assert "Mamba layers: 1 (pattern 'AM'" in p.stdout
@@ -520,7 +523,7 @@ def test_hybrid_moe_trains_and_resumes_exactly(base_dir):
     for bad, message in ((["--layer-pattern", "AX"], "--layer-pattern must be letters A"),
                          (["--layer-pattern", "M", "--mamba-head-dim", "48"], "--mamba-head-dim 48 must divide"),
                          (["--layer-pattern", "AM", "--mod-capacity", "0.5"], "--mod-capacity with Mamba layers")):
-        p = run_train(base_dir, TINY + bad + ["--num-iterations", "1", "--model-tag", "x"], check=False)
+        p = run_train(base_dir, TINY + PLAIN_FLAGS + bad + ["--num-iterations", "1", "--model-tag", "x"], check=False)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
@@ -533,8 +536,8 @@ def test_mtp_heads_do_not_lengthen_the_data_ratio_horizon():
     args = parse_args(["--target-param-data-ratio", "20", "--total-batch-size", "512"])
     steps = {}
     for heads in (0, 2):
-        model = meta_model(GPTConfig(sequence_len=T, vocab_size=V, n_layer=L, n_head=N_HEAD, n_kv_head=N_HEAD, n_embd=D,
-                                     mtp_heads=heads))
+        model = meta_model(GPTConfig(**PLAIN, sequence_len=T, vocab_size=V, n_layer=L, n_head=N_HEAD, n_kv_head=N_HEAD,
+                                     n_embd=D, mtp_heads=heads))
         steps[heads], flag = training_horizon(args, model.num_scaling_params(), model.estimate_flops())
         assert flag == "--target-param-data-ratio"
     assert steps[0] == steps[2] == round(20 * (V * D + 12 * L * D * D) / 512)

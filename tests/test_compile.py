@@ -16,6 +16,7 @@ import torch._dynamo
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.moe import moe_layers, collect_moe_stats
 from nanochat.optim import setup_optimizers
+from tests.plain import PLAIN
 
 N_EXPERTS = 4
 
@@ -47,7 +48,7 @@ def _train_compiled(use_moe, steps=5, mtp_heads=0, mod_capacity=0.0, layer_patte
     config = GPTConfig(sequence_len=seq, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
                        use_moe=use_moe, n_experts=N_EXPERTS, expert_topk=2, expert_hidden_mult=2, mtp_heads=mtp_heads,
                        mod_capacity=mod_capacity, mod_freq=1, layer_pattern=layer_pattern, mamba_d_state=16,
-                       mamba_head_dim=32, mamba_chunk=8, **extra)
+                       mamba_head_dim=32, mamba_chunk=8, **{**PLAIN, **extra})
     model = build_model(config, torch.device("cpu"))
     optimizers = setup_optimizers(model)
     compiled = torch.compile(model, dynamic=False, fullgraph=True)  # as scripts/base_train.py does

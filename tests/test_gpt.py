@@ -8,15 +8,18 @@ import torch
 from nanochat.gpt import GPTConfig, MLP, build_model
 from nanochat.report import describe_params
 from nanochat.moe import MoE
+from tests.plain import PLAIN
 
 
 def dense_cfg(**kw):
-    return GPTConfig(**{**dict(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64), **kw})
+    return GPTConfig(**{**PLAIN, **dict(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64),
+                        **kw})
 
 
 def moe_cfg(**kw):
-    return GPTConfig(**{**dict(sequence_len=32, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
-                               use_moe=True, n_experts=8, expert_topk=2, moe_freq=2, expert_hidden_mult=2), **kw})
+    return GPTConfig(**{**PLAIN, **dict(sequence_len=32, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
+                                        use_moe=True, n_experts=8, expert_topk=2, moe_freq=2, expert_hidden_mult=2),
+                        **kw})
 
 
 def test_shapes_and_losses():
@@ -49,20 +52,23 @@ def test_dense_path_has_no_moe():
 
 
 def test_report_of_the_quickstart_moe_has_exact_counts_and_sparsity():
+    """The quickstart's MoE with the default pieces (value embeddings on layers 1 and 3)."""
     model = build_model(GPTConfig(sequence_len=256, vocab_size=2048, n_layer=4, n_head=2, n_kv_head=2, n_embd=128,
                                   use_moe=True, n_experts=8, expert_topk=2, expert_hidden_mult=2), "cpu")
     # per layer: attention 4 x 128^2 = 65,536; 8 experts x 2 x 128 x 256 = 524,288; router 8 x 128 = 1,024;
-    # plus embedding and head 2 x 2048 x 128 = 524,288. Inactive: 6 of 8 experts x 4 layers = 1,572,864
-    total = 4 * (65_536 + 524_288 + 1_024) + 524_288
+    # plus embedding and head 2 x 2048 x 128 = 524,288; value embeddings on layers 1 and 3 (alternating,
+    # ending at the last): 2 x 2048 x 128 = 524,288, and their gates 2 x (2 kv heads x 12 channels) = 48.
+    # Inactive: 6 of 8 experts x 4 layers = 1,572,864 (a value embedding is read for every token: active)
+    total = 4 * (65_536 + 524_288 + 1_024) + 524_288 + 524_288 + 48
     active = total - 1_572_864
-    assert (total, active) == (2_887_680, 1_314_816)
+    assert (total, active) == (3_412_016, 1_839_152)
     report = describe_params(model).splitlines()
-    assert report[:5] == ["Total Parameters: 2,887,680 (2.89M)",
-                          "Active Params/tok: 1,314,816 (1.31M), top-2 of 8 experts",
+    assert report[:5] == ["Total Parameters: 3,412,016 (3.41M)",
+                          "Active Params/tok: 1,839,152 (1.84M), top-2 of 8 experts",
                           "Inactive Params: 1,572,864 (1.57M), 24 experts idle per token",
                           f"Sparsity: {100 * 1_572_864 / total:.1f}% (inactive per forward pass)",
                           f"Efficiency: {100 * active / total:.1f}% active per forward pass"]
-    assert report[3] == "Sparsity: 54.5% (inactive per forward pass)"
+    assert report[3] == "Sparsity: 46.1% (inactive per forward pass)"
 
 
 def test_moe_freq_selects_layers():

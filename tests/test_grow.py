@@ -12,6 +12,7 @@ from nanochat.grow import (TOLERANCE, upcycle, grow_width, grow_depth, depth_lay
                            count_flips, verify_autocast, autocast_line)
 from nanochat.moe import route
 from nanochat.optim import setup_optimizers
+from tests.plain import PLAIN
 
 V, T = 256, 16
 
@@ -32,7 +33,8 @@ def trained_like(config, seed=0):
 
 
 def dense(**kw):
-    return GPTConfig(**{**dict(sequence_len=T, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=32), **kw})
+    return GPTConfig(**{**PLAIN, **dict(sequence_len=T, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=32),
+                        **kw})
 
 
 def moe(**kw):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.plain import PLAIN_FLAGS
 from tests.test_base_train import TINY, run_train, read_metrics, of_type, train_env, REPO
 
 HEAD = ["--head-dim", "32", "--n-embd", "64"]
@@ -39,7 +40,9 @@ def lineage(tmp_path_factory):
     control: the MoE trained on for the grown phase's FLOPs."""
     base = tmp_path_factory.mktemp("grow")
     common = NO_DEPTH + ["--eval-every", "2", "--save-every", "-1"]
-    run_train(base, common + HEAD + ["--depth", "2", "--num-iterations", "8", "--model-tag", "dense", "--warmdown-ratio", "0"])
+    # the plain model: depth growth refuses value embeddings, backout and short windows
+    run_train(base, common + HEAD + PLAIN_FLAGS + ["--depth", "2", "--num-iterations", "8", "--model-tag", "dense",
+                                                   "--warmdown-ratio", "0"])
     out = {"upcycle": run_py(base, "scripts.grow", ["--from", "dense", "--to", "moe", "--upcycle", "--n-experts", "4"])}
     run_train(base, common + ["--init-from", "moe", "--num-iterations", "6", "--model-tag", "moe", "--warmdown-ratio", "0"])
     out["grow"] = run_py(base, "scripts.grow", ["--from", "moe", "--to", "grown", "--width-mult", "2", "--add-layers", "2",
@@ -215,7 +218,7 @@ def test_init_from_contradictions_are_one_line(lineage, extra, needle):
 def test_grow_recipe_end_to_end(tmp_path):
     env = dict(train_env(tmp_path), SEQ_LEN="64", BATCH_ROWS="4", SYNTHETIC_DOCS="3000", OMP_NUM_THREADS="2",
                P1="--num-iterations 6", P2="--num-iterations 4", P3="--num-iterations 4",
-               EXTRA="--eval-tokens 1024 --eval-every 2 --vocab-size 512")
+               EXTRA="--eval-tokens 1024 --eval-every 2 --vocab-size 512")  # the recipe as users run it
     p = subprocess.run(["bash", "runs/grow.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.stdout.count("PASSED < 0.0001") == 2 and p.stdout.count("PHASE ") == 3

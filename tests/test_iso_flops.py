@@ -10,6 +10,7 @@ import torch
 from nanochat.gpt import GPTConfig, GPT
 from nanochat.model_args import router_exact_expert_hidden as moe_hidden_for_iso_flops
 from scripts.iso_flops import memory_estimate
+from tests.plain import PLAIN, PLAIN_FLAGS
 
 
 def flops(cfg):
@@ -46,7 +47,7 @@ def test_cli_reports_mismatch_that_matches_built_models():
 
 def test_memory_estimate_counts_weights_grads_and_optimizer_states():
     with torch.device("meta"):
-        model = GPT(GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128,
+        model = GPT(GPTConfig(**PLAIN, sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128,
                               use_moe=True, n_experts=4, expert_topk=2, expert_hidden_mult=2))
     mem = memory_estimate(model, batch_tokens=0, bytes_per_value=2)
     params = sum(p.numel() for p in model.parameters())
@@ -103,9 +104,9 @@ def test_plans_mod_against_the_plain_models_at_a_flops_budget():
 def test_plans_a_hybrid_against_the_attention_only_model():
     r = subprocess.run([sys.executable, "-m", "scripts.iso_flops", "--depth", "4", "--n-embd", "64", "--head-dim", "32",
                         "--vocab-size", "1024", "--max-seq-len", "256", "--layer-pattern", "AM", "--mamba-head-dim", "32",
-                        "--mamba-d-state", "32"], capture_output=True, text=True)
+                        "--mamba-d-state", "32", *PLAIN_FLAGS], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    common = dict(sequence_len=256, vocab_size=1024, n_layer=4, n_head=2, n_kv_head=2, n_embd=64)
+    common = dict(sequence_len=256, vocab_size=1024, n_layer=4, n_head=2, n_kv_head=2, n_embd=64, **PLAIN)
     attn = flops(GPTConfig(**common))
     hybrid = flops(GPTConfig(**common, layer_pattern="AM", mamba_head_dim=32, mamba_d_state=32))
     line = next(l for l in r.stdout.splitlines() if l.strip().startswith("dense") and "->" in l)

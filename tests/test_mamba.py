@@ -287,12 +287,14 @@ from nanochat.engine import generate, new_kv_cache  # noqa: E402
 from nanochat.gpt import GPTConfig, build_model  # noqa: E402
 from nanochat.report import describe_params  # noqa: E402
 from nanochat.optim import setup_optimizers  # noqa: E402
+from tests.plain import PLAIN  # noqa: E402
 
 
 def hybrid_cfg(**kw):
-    return GPTConfig(**{**dict(sequence_len=32, vocab_size=256, n_layer=4, n_head=2, n_kv_head=1, n_embd=64,
-                               layer_pattern="AM", use_moe=True, n_experts=4, expert_topk=2, expert_hidden_mult=2,
-                               mamba_d_state=16, mamba_head_dim=32, mamba_chunk=8), **kw})
+    return GPTConfig(**{**PLAIN, **dict(sequence_len=32, vocab_size=256, n_layer=4, n_head=2, n_kv_head=1, n_embd=64,
+                                        layer_pattern="AM", use_moe=True, n_experts=4, expert_topk=2,
+                                        expert_hidden_mult=2, mamba_d_state=16, mamba_head_dim=32, mamba_chunk=8),
+                        **kw})
 
 
 def randomized(model, seed=0):

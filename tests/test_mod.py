@@ -13,13 +13,14 @@ from nanochat.report import describe_params
 from nanochat.mod import (MoDRouter, mod_tokens, topk_positions, straight_through_gate, causal_stats,
                           routed_attention_mask, update_mod_thresholds, gather_positions, scatter_positions)
 from nanochat.optim import setup_optimizers
+from tests.plain import PLAIN
 
 V = 256
 
 
 def cfg(**kw):
-    return GPTConfig(**{**dict(sequence_len=32, vocab_size=V, n_layer=4, n_head=2, n_kv_head=1, n_embd=64,
-                               mod_capacity=0.25, mod_freq=2), **kw})
+    return GPTConfig(**{**PLAIN, **dict(sequence_len=32, vocab_size=V, n_layer=4, n_head=2, n_kv_head=1, n_embd=64,
+                                        mod_capacity=0.25, mod_freq=2), **kw})
 
 
 def randomize(model, seed=0):

@@ -13,6 +13,7 @@ import nanochat.moe as moe_mod
 from nanochat.checkpoint import save_checkpoint, load_checkpoint
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.moe import MoE, route, router_z_loss, update_expert_bias, collect_moe_stats, collect_step_loads
+from tests.plain import PLAIN
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -356,7 +357,7 @@ def test_shared_experts_add_an_always_on_mlp(n_shared):
 
 
 def small_config(**kw):
-    base = dict(sequence_len=32, vocab_size=100, n_layer=2, n_head=1, n_kv_head=1, n_embd=64)
+    base = dict(PLAIN, sequence_len=32, vocab_size=100, n_layer=2, n_head=1, n_kv_head=1, n_embd=64)
     return GPTConfig(**(base | kw))
 
 

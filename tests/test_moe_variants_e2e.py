@@ -8,7 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.plain import PLAIN_FLAGS
 from tests.test_base_train import run_train, read_metrics, of_type, TINY, MOE
+
+# The routing variants on the plain model (none of nanochat's pieces), whatever GPTConfig's defaults:
+# the losses and the aux-free biases' paths below are those of the model these tests were written on
+MOE = MOE + PLAIN_FLAGS
 
 # ---------------------------------------------------------------------------------------------
 # 7. End to end: each variant trains; 1 vs 2 processes; resume; bad flags

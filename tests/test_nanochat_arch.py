@@ -19,6 +19,7 @@ from nanochat.fp8 import fp8_module_filter
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.grow import grow_depth, grow_width, upcycle, verify
 from nanochat.model_args import MODEL_PRESETS, add_model_args, parse_with_preset, config_from_args, validate_model_args
+from tests.plain import PLAIN, PLAIN_FLAGS
 
 V = 200
 SHAPE = dict(sequence_len=256, vocab_size=V, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)  # short window 128
@@ -34,8 +35,9 @@ FEATURES = {  # one feature on at a time
 
 
 def random_model(seed=0, std=0.3, **kw):
-    """Every weight random (the init makes blocks the identity and the gates ~constant)."""
-    model = build_model(GPTConfig(**{**SHAPE, **kw}), "cpu")
+    """Every weight random (the init makes blocks the identity and the gates ~constant). Every
+    piece off (PLAIN) unless kw turns it on, whatever GPTConfig's defaults."""
+    model = build_model(GPTConfig(**{**PLAIN, **SHAPE, **kw}), "cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -105,9 +107,10 @@ def test_all_fields_off_is_the_model_before_bit_for_bit():
     explicit = dict(value_embeds=False, layer_lambdas=False, smear=False, backout=False, window_pattern="L",
                     rotary_base=10000.0, qk_scale=1.0, vocab_pad=1, embedding_init_std=1.0, fc_init_scale=1.0,
                     cast_weights=False)
-    assert GPTConfig(**SHAPE) == GPTConfig(**SHAPE, **explicit)
+    # every field named (PLAIN is this), and a config saved before the fields existed loads with them off
+    assert explicit == PLAIN and GPTConfig.from_saved(SHAPE) == GPTConfig(**SHAPE, **explicit)
     torch.manual_seed(0)
-    model = build_model(GPTConfig(**SHAPE), "cpu")
+    model = build_model(GPTConfig(**SHAPE, **explicit), "cpu")
     assert set(model.state_dict()) == OLD_KEYS  # no new parameter or buffer
     assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
     idx = torch.randint(0, V, (2, 160), generator=torch.Generator().manual_seed(1))
@@ -362,14 +365,26 @@ def test_flags_default_to_gptconfig_and_the_preset_sets_nanochat():
     assert cfg.qk_scale == 1.0 and cfg.window_pattern == "SSSL"
 
 
+def test_short_windows_skip_mamba_layers_and_routed_blocks():
+    """S applies to attention layers that see every token: a Mamba layer has no attention and a
+    MoD-routed block attends over its routed tokens only, so both keep full context (and the
+    FLOPs count follows the layers' windows)."""
+    from nanochat.attention import layer_windows, short_window
+    from nanochat.gpt import GPTConfig
+    base = dict(PLAIN, sequence_len=256, vocab_size=V, n_layer=4, n_head=2, n_kv_head=2, n_embd=64, window_pattern="S")
+    w = short_window(256)
+    assert w == 128
+    assert layer_windows(GPTConfig(**base)) == [w, w, w, None]                        # the last layer is full
+    assert layer_windows(GPTConfig(**base, layer_pattern="AM")) == [w, None, w, None]  # Mamba layers 1, 3
+    assert layer_windows(GPTConfig(**base, mod_capacity=0.5, mod_freq=2)) == [w, None, w, None]  # routed 1, 3
+
+
 @pytest.mark.parametrize("argv,flag", [
     (["--window-pattern", "SXL"], "--window-pattern"),
-    (["--window-pattern", "SL", "--layer-pattern", "MA"], "Mamba"),
-    (["--window-pattern", "S", "--mod-capacity", "0.5", "--mod-freq", "1"], "Mixture-of-Depths"),
     (["--cast-weights", "--layer-pattern", "AM"], "--cast-weights"),
     (["--vocab-pad", "0"], "--vocab-pad"),
     (["--smear", "--n-embd", "16", "--head-dim", "8"], "--smear"),
 ])
 def test_refusals_name_the_flag(argv, flag):
     with pytest.raises(UserError, match=flag):
-        validate_model_args(_args(["--depth", "4"] + argv))
+        validate_model_args(_args(["--depth", "4", *PLAIN_FLAGS] + argv))  # only argv's pieces on

@@ -17,6 +17,7 @@ from nanochat.optim import (Muon, setup_optimizers, zeropower_via_newtonschulz5,
 from nanochat.train_step import optimizer_step, get_lr_multiplier, get_muon_momentum, get_muon_weight_decay
 from tests.test_base_train import TINY, MOE, run_train, read_metrics, of_type
 from tests.test_optim import idle_moe_model, force_idle, train_step as moe_step, expert_weights, stacked_and_single_muon
+from tests.plain import PLAIN
 
 ALL_ON = dict(coeffs="polar", row_equil=True, renorm=True, normuon=True, weight_decay=0.3, cautious_wd=True)
 
@@ -197,7 +198,8 @@ def reference_muon_step(params, state, lr, momentum):
 
 def test_default_setup_equals_todays_optimizers_bit_for_bit():
     torch.manual_seed(0)
-    cfg = GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, mtp_heads=1)
+    # the optimizers' defaults on the plain model (its only AdamW roles: lm_head and embedding)
+    cfg = GPTConfig(**PLAIN, sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, mtp_heads=1)
     a = build_model(cfg, "cpu")
     b = copy.deepcopy(a)
     optimizers = setup_optimizers(a, weight_decay=0.01)

@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import setup_optimizers
 from nanochat.train_step import accumulate_gradients, optimizer_step, train_step, get_lr_multiplier
+from tests.plain import PLAIN
 
 BASE = dict(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 
 
 def make(seed=0, **kw):
     torch.manual_seed(seed)
-    model = build_model(GPTConfig(**{**BASE, **kw}), "cpu")
+    model = build_model(GPTConfig(**{**PLAIN, **BASE, **kw}), "cpu")
     model.train()
     return model
 
