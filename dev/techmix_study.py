@@ -33,7 +33,10 @@ DATA = os.path.join(ROOT, "..", "shared", "data", "text", "techmix.jsonl")
 
 # Shared by every run: a 1024-token vocab (so the embedding does not dominate a small model),
 # 256-token rows, 16k tokens per optimizer step, the first 512k val tokens for every eval.
-COMMON = ["--vocab-size", "1024", "--max-seq-len", "256", "--head-dim", "32", "--total-batch-size", "16384",
+# The model these studies ran on: none of nanochat's pieces (the defaults since the nanochat study
+# include value embeddings, SSSL windows and q·k scale 1.2; a piece's own flags come later and win)
+BEFORE_PIECES = ["--no-value-embeds", "--window-pattern", "L", "--qk-scale", "1"]
+COMMON = BEFORE_PIECES + ["--vocab-size", "1024", "--max-seq-len", "256", "--head-dim", "32", "--total-batch-size", "16384",
           "--device-batch-size", "64", "--eval-tokens", "524288", "--sample-every", "-1", "--log-every", "50",
           "--moe-stats-every", "50", "--save-every", "100", "--keep-checkpoints", "1"]
 SMALL = ["--depth", "2", "--n-embd", "64", "--eval-every", "200"]    # 98k non-embedding params
