@@ -174,19 +174,20 @@ def nanochat_runs(adopted=()):
     # dense vs MoE with the adopted pieces: the MoE at 5e12 and 1e13 (11 and 21 tokens per
     # non-embedding parameter), 2 seeds; a dense frontier of 3 annealed budgets around them (its
     # 2e13 point is the ablation's run when the adopted pieces are one piece or the set); one
-    # shared expert (routed width 4d/3 pays for it) and router lr 0.001 at 1e13
+    # shared expert and router lr 0.001 at 5e12; in the order they answer the question
     new = [f for name in adopted for f in PIECES[name]]
     moe = ["--use-moe", "--n-experts", "8", "--expert-topk", "2"] + AUXFREE
-    for flops in (5e12, 1e13):
-        add("n_dense", new, flops, 42)
+    add("n_dense", new, 5e12, 42)
+    add("n_moe8_af", new + moe, 5e12, 42)
+    add("n_dense", new, 1e13, 42)
+    add("n_moe8_af", new + moe, 1e13, 42)
     if frontier_2e13_tag(adopted) is None:
         add("n_dense", new, 2e13, 42)
-    for flops in (5e12, 1e13):
-        for seed in (42, 43):
-            add("n_moe8_af", new + moe, flops, seed)
+    add("n_moe8_af", new + moe, 5e12, 43)
+    add("n_moe8_af_shared1", new + moe + ["--n-shared-experts", "1"], 5e12, 42)  # routed width 4d/3 pays for it
+    add("n_moe8_af_routerlr0.001", new + moe + ["--router-lr", "0.001"], 5e12, 42)
+    add("n_moe8_af", new + moe, 1e13, 43)
     add("n_dense", new, 1e13, 43)
-    add("n_moe8_af_shared1", new + moe + ["--n-shared-experts", "1"], 1e13, 42)
-    add("n_moe8_af_routerlr0.001", new + moe + ["--router-lr", "0.001"], 1e13, 42)
     return out
 
 
