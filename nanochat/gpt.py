@@ -31,8 +31,7 @@ SMEAR_GATE_CHANNELS = 24  # the smear gate reads the first 24 channels of the to
 
 # The value each architecture field had before it existed, for configs saved without it.
 SAVED_WITHOUT = dict(value_embeds=False, layer_lambdas=False, smear=False, backout=False, window_pattern="L",
-                     rotary_base=10000.0, qk_scale=1.0, vocab_pad=1, embedding_init_std=1.0, fc_init_scale=1.0,
-                     cast_weights=False)
+                     rotary_base=1e4, qk_scale=1.0, vocab_pad=1, embedding_init_std=1.0, fc_init_scale=1.0, cast_weights=False)
 
 
 @dataclass
@@ -94,26 +93,20 @@ class GPTConfig:
     mamba_head_dim: int = 64
     mamba_chunk: int = 64
     mamba_d_conv: int = 4
-    # nanochat's model as of 2026 (MODEL_PRESETS["nanochat"] in nanochat/model_args.py turns
-    # them all on). Off is the model above bit for bit; the defaults are the pieces the nanochat
-    # study in dev/LOG.md (2026-12-06) adopted by its rule (paired gain > 2 standard errors over
-    # 3 seeds on techmix); a config saved without a field loads with SAVED_WITHOUT's value.
+    # nanochat's model (MODEL_PRESETS["nanochat"] turns it all on; off = the model above, bit for bit).
+    # Defaults: the pieces the nanochat study adopted (dev/LOG.md, 2026-12-06); see SAVED_WITHOUT.
     # value_embeds: ResFormer value residual (Zhou et al. 2024; modded-nanogpt): an extra
     # (padded_vocab, n_kv_head * head_dim) embedding per layer on alternating layers ending at
-    # the last one, added to v through a per-kv-head gate 3 * sigmoid(W x[..., :12]).
-    # Attention layers only: a Mamba layer that the rule picks gets none. MTP heads get none.
+    # the last one, added to v through a per-kv-head gate 3 * sigmoid(W x[..., :12]); attention only.
     value_embeds: bool = True
-    # layer_lambdas: modded-nanogpt's per-layer scalars, before block i:
-    # x = resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0 = the normed, smeared embedding).
+    # layer_lambdas: before block i, x = resid_lambdas[i] * x + x0_lambdas[i] * x0 (the normed embedding).
     layer_lambdas: bool = False
-    # smear: the previous token's normed embedding added to the current one, weighted by
-    # smear_lambda * sigmoid(W e[..., :24]) (a cheap bigram; modded-nanogpt's smear).
+    # smear: the previous token's normed embedding added, weighted by smear_lambda * sigmoid(W e[..., :24]).
     smear: bool = False
-    # backout: backout_lambda (init 0.2) times the residual after layer n_layer // 2 is
-    # subtracted before the final norm (modded-nanogpt: removes low-level features).
+    # backout: backout_lambda (init 0.2) x the residual after layer n_layer // 2, subtracted before the final norm.
     backout: bool = False
-    # Sliding-window attention per layer, tiled: L = full, S = short window (nanochat/attention.py:
-    # 128 * ceil(sequence_len / 512) and the W vs W+1 convention); the last layer always L.
+    # Sliding windows per layer, tiled: L = full, S = 128 * ceil(sequence_len / 512) (attention.layer_windows:
+    # the last layer, Mamba layers and MoD-routed blocks are always full).
     window_pattern: str = "SSSL"
     rotary_base: float = 10000.0
     qk_scale: float = 1.2         # q and k multiplied by this after QK-norm (nanochat 1.2)
@@ -122,7 +115,7 @@ class GPTConfig:
     fc_init_scale: float = 1.0    # the first MLP matrix's (and experts') uniform bound x this (nanochat 0.4)
     # cast_weights: every linear casts its fp32 weight to the activation's dtype, and the
     # embeddings are cast to the model's compute_dtype (GPT.set_compute_dtype; bf16 on CUDA):
-    # nanochat's replacement for autocast. Off: autocast decides, as before.
+    # nanochat's replacement for autocast. Off: autocast decides.
     cast_weights: bool = False
 
     def to_dict(self):
@@ -130,8 +123,7 @@ class GPTConfig:
 
     @classmethod
     def from_saved(cls, saved):
-        """The config a checkpoint's dict describes; a field it lacks (it was saved before the
-        field existed) takes the value the model had then, not today's default."""
+        """A checkpoint's config; a field it lacks (saved before the field existed) takes its SAVED_WITHOUT value."""
         return cls(**{**SAVED_WITHOUT, **saved})
 
     def is_moe_layer(self, layer_idx):
